@@ -1,0 +1,84 @@
+"""zkv: one key-value store with publish/subscribe, shared by every process of a program.
+
+The main process owns the data; multiprocessing workers (Pool, ProcessPoolExecutor, fork, spawn
+or forkserver) and other processes reach it over ZeroMQ sockets whose address they inherit in
+the ``ZKV_ENDPOINT`` environment variable::
+
+    import zkv
+
+    kv = zkv.store()          # the owner in the main process, a client in its children
+    kv["config"] = {"rate": 3}
+    kv.incr("jobs_done")
+    with kv.lock("report"):
+        ...
+
+``zkv.shared_memory``, ``zkv.KeyValueStore`` and ``zkv.GlobalKeyValueStore.get_instance()``
+keep code written against the original ``shared_memory`` module working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._version import __version__
+from .compat import GlobalKeyValueStore, KeyValueStore
+from .config import Options
+from .errors import (
+    AuthenticationError,
+    DecodeError,
+    EncodeError,
+    LockError,
+    MessageTooLargeError,
+    NoOwnerError,
+    OwnerGoneError,
+    ProtocolError,
+    RemoteError,
+    SerializationError,
+    StoreClosedError,
+    ZkvConnectionError,
+    ZkvError,
+    ZkvTimeoutError,
+)
+from .locks import Lock
+from .pubsub import Change, Message, Subscriber
+from .state import MISSING
+from .store import Pipeline, Store, connect, serve, store
+
+__all__ = [
+    "MISSING",
+    "AuthenticationError",
+    "Change",
+    "DecodeError",
+    "EncodeError",
+    "GlobalKeyValueStore",
+    "KeyValueStore",
+    "Lock",
+    "LockError",
+    "Message",
+    "MessageTooLargeError",
+    "NoOwnerError",
+    "Options",
+    "OwnerGoneError",
+    "Pipeline",
+    "ProtocolError",
+    "RemoteError",
+    "SerializationError",
+    "Store",
+    "StoreClosedError",
+    "Subscriber",
+    "ZkvConnectionError",
+    "ZkvError",
+    "ZkvTimeoutError",
+    "__version__",
+    "connect",
+    "serve",
+    "shared_memory",
+    "store",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # ``zkv.shared_memory`` is the process-wide store, made on first use (never at import).
+    if name == "shared_memory":
+        return store()
+    raise AttributeError(f"module 'zkv' has no attribute {name!r}")

@@ -1,0 +1,143 @@
+"""Values to frames and back. No I/O happens here.
+
+A value travels as a short list of frames:
+
+- ``[pickle]`` — the common case: one pickle (protocol 5);
+- ``[pickle, buf, ...]`` — pickle protocol 5 with large out-of-band buffers (``bytearray``,
+  NumPy arrays, ...) as their own frames, so they are never copied into the pickle;
+- ``[b"", data]`` — a large ``bytes`` value sent as it is (an empty first frame is never a
+  pickle).
+
+Serialization is cloudpickle's, with a fast path: plain data (scalars, and containers whose
+standard pickle refers to no ``__main__`` object) is pickled by the C pickler, which is several
+times faster; anything the standard pickler refuses (lambdas, closures, ...) or that refers to
+``__main__``/``__mp_main__`` (which another process may not be able to import) is pickled by
+value with cloudpickle. Either output is read by :func:`pickle.loads`.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from collections.abc import Sequence
+from typing import Any, Union
+
+import cloudpickle
+
+from .errors import DecodeError, EncodeError
+
+__all__ = ["IMMUTABLE_TYPES", "RAW_THRESHOLD", "Frame", "dumps", "frames_size", "loads"]
+
+#: Anything zkv can put in a frame: bytes, a memoryview, or a ``zmq.Frame``.
+Frame = Union[bytes, memoryview, Any]
+
+#: Types whose values cannot change after creation; zkv hands these out without copying.
+IMMUTABLE_TYPES: frozenset[type] = frozenset(
+    {str, int, float, bool, type(None), bytes, complex}
+)
+
+#: ``bytes`` values at least this large travel as their own frame, without pickling.
+RAW_THRESHOLD = 64 * 1024
+
+#: Out-of-band buffers smaller than this are kept inside the pickle (fewer frames).
+_OOB_THRESHOLD = 64 * 1024
+
+_PROTOCOL = 5
+_SCALARS = (str, int, float, bool, type(None), complex)
+_RAW_MARK = b""
+
+
+def dumps(obj: object, copy_buffers: bool = False) -> list[Frame]:
+    """Serialize ``obj`` into frames.
+
+    ``copy_buffers=True`` copies out-of-band buffers, so that the frames stay a snapshot even if
+    the caller mutates ``obj`` afterwards (the owner needs this; a client sends and waits for
+    the acknowledgement, so it does not).
+
+    Raises :class:`EncodeError` naming the type of ``obj`` when it cannot be pickled.
+    """
+    kind = type(obj)
+    if kind in _SCALARS:
+        return [pickle.dumps(obj, _PROTOCOL)]
+    if kind is bytes:
+        if len(obj) >= RAW_THRESHOLD:  # type: ignore[arg-type]
+            return [_RAW_MARK, obj]
+        return [pickle.dumps(obj, _PROTOCOL)]
+    buffers: list[memoryview] = []
+
+    def keep(buf: pickle.PickleBuffer) -> bool:
+        try:
+            view = buf.raw()
+        except BufferError:  # not contiguous: let pickle copy it in-band
+            return True
+        if view.nbytes < _OOB_THRESHOLD:
+            return True
+        buffers.append(view)
+        return False
+
+    data: bytes | None
+    try:
+        data = pickle.dumps(obj, _PROTOCOL, buffer_callback=keep)
+    except Exception:
+        data = None
+    if data is None or b"main__" in data:
+        # Refused by the C pickler, or it refers to __main__ / __mp_main__ by name: pickle
+        # by value with cloudpickle so that any process can load it.
+        buffers.clear()
+        try:
+            data = cloudpickle.dumps(obj, _PROTOCOL, buffer_callback=keep)
+        except Exception as exc:
+            raise EncodeError(
+                f"cannot serialize a value of type {_type_name(obj)}: {exc}"
+            ) from exc
+    if not buffers:
+        return [data]
+    if copy_buffers:
+        return [data, *(bytes(view) for view in buffers)]
+    return [data, *buffers]
+
+
+def loads(frames: Sequence[Frame]) -> Any:
+    """Rebuild the value held by ``frames`` (as made by :func:`dumps`).
+
+    Out-of-band buffers are handed to the unpickler as writable copies, so that, for example,
+    a NumPy array read from the store can be modified like any other. Raises
+    :class:`DecodeError` with the original reason when the value cannot be unpickled here (a
+    class this process cannot import, a corrupted pickle, ...).
+    """
+    first = frames[0]
+    if len(first) == 0:
+        if len(frames) != 2:
+            raise DecodeError(f"malformed raw value: {len(frames)} frames")
+        return bytes(frames[1])
+    try:
+        if len(frames) == 1:
+            return pickle.loads(first)
+        return pickle.loads(first, buffers=[bytearray(f) for f in frames[1:]])
+    except Exception as exc:
+        raise DecodeError(f"cannot unpickle value: {type(exc).__name__}: {exc}") from exc
+
+
+def frames_size(frames: Sequence[Frame]) -> int:
+    """Total number of bytes in ``frames``."""
+    return sum(len(f) if not isinstance(f, memoryview) else f.nbytes for f in frames)
+
+
+def _type_name(obj: object) -> str:
+    kind = type(obj)
+    module = kind.__module__
+    if module in ("builtins", None):
+        return kind.__qualname__
+    return f"{module}.{kind.__qualname__}"
+
+
+def register_main_by_value() -> None:
+    """Make cloudpickle pickle the objects of a ``spawn``/``forkserver`` child's re-imported main
+    module (``__mp_main__``) by value: the owner and other processes cannot import it by name."""
+    module = sys.modules.get("__mp_main__")
+    if module is None or getattr(module, "__name__", None) != "__mp_main__":
+        return
+    try:
+        cloudpickle.register_pickle_by_value(module)
+    except (ValueError, TypeError):  # already registered, or not a module cloudpickle accepts
+        pass

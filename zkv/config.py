@@ -1,0 +1,85 @@
+"""Settings of a store, from keyword arguments and environment variables.
+
+=====================  ==========================  ===========  =========================================
+option                 environment variable        default      meaning
+=====================  ==========================  ===========  =========================================
+``timeout``            ``ZKV_TIMEOUT``             30.0         seconds a request may take before
+                                                                :class:`~zkv.ZkvTimeoutError`
+``hwm``                ``ZKV_HWM``                 100000       pub/sub high-water mark: messages queued
+                                                                per subscriber before it loses some
+``max_message_size``   ``ZKV_MAX_MESSAGE_SIZE``    1 GiB        largest message (bytes) a store accepts
+``linger``             ``ZKV_LINGER``              1.0          seconds a closing process waits to flush
+                                                                messages it has queued (publishes)
+=====================  ==========================  ===========  =========================================
+
+Keyword arguments win over environment variables, which win over the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["Options"]
+
+_ENV = {
+    "timeout": "ZKV_TIMEOUT",
+    "hwm": "ZKV_HWM",
+    "max_message_size": "ZKV_MAX_MESSAGE_SIZE",
+    "linger": "ZKV_LINGER",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Validated settings of one store (see the module docstring for each field)."""
+
+    timeout: float = 30.0
+    hwm: int = 100_000
+    max_message_size: int = 1 << 30
+    linger: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("timeout", "linger"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number of seconds >= 0, not {value!r}")
+        if self.timeout == 0:
+            raise ValueError("timeout must be > 0 seconds")
+        for name in ("hwm", "max_message_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, not {value!r}")
+
+    @classmethod
+    def from_env(cls, overrides: Mapping[str, Any] | None = None,
+                 environ: Mapping[str, str] | None = None) -> Options:
+        """Build options from ``overrides`` (keyword arguments), then the environment.
+
+        Raises TypeError for an unknown option and ValueError for a bad value, naming it.
+        """
+        overrides = dict(overrides or {})
+        environ = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise TypeError(f"unknown zkv option(s): {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(fields))}")
+        values: dict[str, Any] = {}
+        for name, var in _ENV.items():
+            if name in overrides and overrides[name] is not None:
+                values[name] = overrides[name]
+            elif environ.get(var):
+                raw = environ[var]
+                kind = float if name in ("timeout", "linger") else int
+                try:
+                    values[name] = kind(raw)
+                except ValueError:
+                    raise ValueError(f"{var}={raw!r} is not a valid {kind.__name__}") from None
+        return cls(**values)
+
+    @property
+    def timeout_ms(self) -> int:
+        return int(self.timeout * 1000)

@@ -1,0 +1,253 @@
+"""The process's callback dispatcher: one thread, one SUB socket, callbacks run in order.
+
+Callbacks registered with :meth:`zkv.Store.on_subscriber_receive` or
+:meth:`zkv.Store.on_change` run here, off the publisher's thread and off the caller's, one at a
+time in the order messages were sequenced by the owner. A callback that raises is logged and
+the others still run. Coroutine functions are run on an event loop (zkv's own, started on
+first use, or one handed over with ``loop=``), in order per loop.
+
+Registering only records the callback and asks the dispatcher thread to subscribe; the thread is
+started by the first registration and stopped by :meth:`Dispatcher.close` (the store's close).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from . import wire
+from .errors import OwnerGoneError, ZkvTimeoutError
+from .pubsub import GapCounter, Topics, decode, open_sub_socket
+from .waker import Waker
+from .wire import Kind
+
+__all__ = ["Dispatcher"]
+
+log = logging.getLogger("zkv.dispatch")
+
+
+@dataclasses.dataclass(eq=False)
+class _Handler:
+    topics: Topics
+    callback: Callable[[Any], Any]
+    runner: _AsyncRunner | None
+
+
+class _AsyncRunner:
+    """Runs coroutine callbacks on one event loop, one after another in submission order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self._thread: threading.Thread | None = None
+        if loop is None:
+            loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=loop.run_forever, name="zkv-asyncio",
+                                            daemon=True)
+            self._thread.start()
+        self.loop = loop
+        self._gate: asyncio.Lock | None = None
+
+    def submit(self, fn: Callable[[Any], Any], arg: Any) -> None:
+        if self.loop.is_closed():
+            log.warning("dropped a coroutine callback: its event loop is closed")
+            return
+        asyncio.run_coroutine_threadsafe(self._run(fn, arg), self.loop)
+
+    async def _run(self, fn: Callable[[Any], Any], arg: Any) -> None:
+        if self._gate is None:
+            self._gate = asyncio.Lock()
+        async with self._gate:
+            try:
+                await fn(arg)
+            except Exception:
+                log.exception("zkv coroutine callback %r raised", fn)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+            self.loop.close()
+
+
+class Dispatcher:
+    """Receives the messages that this process's callbacks subscribed to, and runs them."""
+
+    def __init__(self, ctx: zmq.Context[Any], address: str, *, hwm: int, timeout: float,
+                 alive: Callable[[], bool]) -> None:
+        self._ctx = ctx
+        self._address = address
+        self._hwm = hwm
+        self._timeout = timeout
+        self._alive = alive
+        self._handlers: list[_Handler] = []
+        self._runners: dict[int, _AsyncRunner] = {}
+        self._mutex = threading.Lock()
+        self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._waker = Waker()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.gaps = GapCounter("zkv callbacks", hwm)
+
+    @property
+    def dropped(self) -> int:
+        return self.gaps.dropped
+
+    # -- registration (any thread) ---------------------------------------------------------------
+
+    def add(self, topics: Topics, callback: Callable[[Any], Any],
+            loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Register ``callback`` for ``topics``; when this returns, the subscription is live
+        (except when called from a callback: then it is live shortly after that returns)."""
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        runner = None
+        if inspect.iscoroutinefunction(callback):
+            runner = self._runner(loop)
+        handler = _Handler(topics, callback, runner)
+        done = threading.Event()
+        box: dict[str, BaseException] = {}
+        with self._mutex:
+            self._handlers.append(handler)
+            self._start()
+            self._commands.append(("sub", topics.all(), done, box))
+        self._waker.wake()
+        if threading.current_thread() is self._thread:
+            return
+        if not done.wait(self._timeout) or "error" in box:
+            self._drop(handler)
+            raise box.get("error") or ZkvTimeoutError(
+                f"the zkv owner did not confirm a subscription within {self._timeout}s")
+
+    def remove(self, callback: Callable[[Any], Any]) -> int:
+        """Unregister ``callback`` everywhere it is registered; return how many registrations
+        were removed."""
+        with self._mutex:
+            gone = [h for h in self._handlers if h.callback == callback]
+        for handler in gone:
+            self._drop(handler)
+        return len(gone)
+
+    def _drop(self, handler: _Handler) -> None:
+        with self._mutex:
+            if handler in self._handlers:
+                self._handlers.remove(handler)
+                self._commands.append(("unsub", handler.topics.all()))
+        self._waker.wake()
+
+    def _runner(self, loop: asyncio.AbstractEventLoop | None) -> _AsyncRunner:
+        key = id(loop)
+        with self._mutex:
+            runner = self._runners.get(key)
+            if runner is None:
+                runner = self._runners[key] = _AsyncRunner(loop)
+            return runner
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="zkv-dispatch", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread (after the callback running now, if any) and the event loop."""
+        self._stopping = True
+        self._waker.wake()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        for runner in self._runners.values():
+            runner.close()
+        self._waker.close()
+
+    # -- the dispatcher thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        sock = open_sub_socket(self._ctx, self._address, self._hwm)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._waker.fd, zmq.POLLIN)
+        pending: dict[bytes, tuple[threading.Event, dict[str, BaseException], float]] = {}
+        try:
+            while not self._stopping:
+                ready = dict(poller.poll(100))
+                if self._waker.fd in ready:
+                    self._waker.drain()
+                while self._commands:
+                    command = self._commands.popleft()
+                    if command[0] == "sub":
+                        _, topics, done, box = command
+                        for topic in topics:
+                            sock.setsockopt(zmq.SUBSCRIBE, topic)
+                        probe = wire.make_probe(topics)
+                        sock.setsockopt(zmq.SUBSCRIBE, probe)
+                        pending[probe] = (done, box, time.monotonic() + self._timeout)
+                    else:
+                        for topic in command[1]:
+                            sock.setsockopt(zmq.UNSUBSCRIBE, topic)
+                if sock in ready:
+                    for _ in range(1000):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_message(sock, frames, pending)
+                if pending:
+                    self._expire(pending)
+        except Exception:  # pragma: no cover - a bug; keep the traceback
+            log.exception("zkv dispatcher thread crashed")
+        finally:
+            sock.close(0)
+
+    def _expire(self, pending: dict[bytes, tuple[threading.Event, dict[str, BaseException],
+                                                 float]]) -> None:
+        now = time.monotonic()
+        gone = not self._alive()
+        for probe, (done, box, deadline) in list(pending.items()):
+            if gone or now > deadline:
+                box["error"] = OwnerGoneError("the zkv owner is gone") if gone else \
+                    ZkvTimeoutError("the zkv owner did not confirm a subscription")
+                del pending[probe]
+                done.set()
+
+    def _on_message(self, sock: zmq.Socket[Any], frames: list[bytes],
+                    pending: dict[bytes, tuple[threading.Event, dict[str, BaseException],
+                                               float]]) -> None:
+        if len(frames) < 2:
+            return
+        topic, meta = frames[0], frames[1]
+        if topic in pending:
+            done, _box, _deadline = pending.pop(topic)
+            sock.setsockopt(zmq.UNSUBSCRIBE, topic)
+            snapshot = wire.parse_welcome(frames[2]) if len(frames) > 2 else {}
+            self.gaps.start(snapshot)
+            done.set()
+            return
+        try:
+            seq, _version, kind = wire.unpack_meta(meta)
+        except Exception:
+            return
+        if kind == Kind.WELCOME or not self.gaps.accept(topic, seq):
+            return
+        with self._mutex:
+            handlers = [h for h in self._handlers if h.topics.matches(topic)]
+        if not handlers:
+            return
+        try:
+            message, _kind = decode(topic, meta, frames[2:])
+        except Exception:
+            log.exception("zkv dispatcher could not decode a message on %r", topic)
+            return
+        for handler in handlers:
+            if handler.runner is not None:
+                handler.runner.submit(handler.callback, message.data)
+                continue
+            try:
+                handler.callback(message.data)
+            except Exception:
+                log.exception("zkv callback %r raised", handler.callback)

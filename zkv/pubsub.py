@@ -1,0 +1,336 @@
+"""Publish/subscribe on the client side: topics, messages, and the pull-style Subscriber.
+
+Every publish goes through the owner, which numbers the messages of each topic and fans them
+out on its PUB socket; so every subscriber sees one order, and a gap in the numbers is a
+message this subscriber lost (its high-water mark overflowed). :attr:`Subscriber.dropped`
+counts them, and a warning is logged.
+
+A subscription is live when :meth:`zkv.Store.subscribe` returns: after subscribing, the
+subscriber also subscribes to a one-off *probe* topic; the owner answers the probe with a
+*welcome* once it has seen it, and since subscriptions travel in order, every topic subscribed
+before the probe is then in place. ZeroMQ's "slow joiner" window is closed, not slept away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from . import codec, wire
+from .errors import OwnerGoneError, StoreClosedError, ZkvTimeoutError
+from .wire import Kind
+
+__all__ = ["Change", "Message", "Subscriber", "Topics"]
+
+log = logging.getLogger("zkv.pubsub")
+
+_SLICE = 0.1  # seconds between owner-liveness checks while waiting
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """A published message: its ``channel``, its ``data``, and ``seq``, its number among the
+    messages of that channel (1, 2, 3, ...)."""
+
+    channel: str
+    data: Any
+    seq: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """A change to a key: ``kind`` is ``"set"`` or ``"delete"``; ``value`` is the new value
+    (None for a delete); ``version`` is the store's change counter after the change."""
+
+    key: str
+    kind: str
+    value: Any
+    version: int
+
+
+class Topics:
+    """The ZeroMQ topics of one subscription, and the exact-match check that goes with them.
+
+    ZeroMQ matches topics by prefix; an exact channel's topic ends in a NUL byte, and a
+    received topic is checked again here, so ``"news"`` never receives ``"newsletter"`` (nor
+    ``"news\\0x"``).
+    """
+
+    def __init__(self, namespace: bytes, exact: Iterable[str] = (),
+                 prefixes: Iterable[str] = ()) -> None:
+        self.namespace = namespace
+        self.exact = {namespace + wire.key_bytes(name) + b"\0" for name in exact}
+        self.prefixes = [namespace + wire.key_bytes(p) for p in prefixes]
+
+    @classmethod
+    def channels(cls, channels: Sequence[str], prefix: str | Iterable[str] | None) -> Topics:
+        return cls(b"c", _check_names(channels, "channel"), _prefix_list(prefix))
+
+    @classmethod
+    def keys(cls, key: str | None, prefix: str | Iterable[str] | None) -> Topics:
+        exact = [] if key is None else _check_names([key], "key")
+        prefixes = _prefix_list(prefix)
+        if key is None and not prefixes:
+            prefixes = [""]  # every key
+        return cls(b"k", exact, prefixes)
+
+    def all(self) -> list[bytes]:
+        return sorted(self.exact) + self.prefixes
+
+    def matches(self, topic: bytes) -> bool:
+        if topic in self.exact:
+            return True
+        return any(topic.startswith(p) for p in self.prefixes)
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.prefixes)
+
+
+def _check_names(names: Iterable[str], what: str) -> list[str]:
+    out = list(names)
+    for name in out:
+        if not isinstance(name, str):
+            raise TypeError(f"{what} names must be str, not {type(name).__name__}")
+    return out
+
+
+def _prefix_list(prefix: str | Iterable[str] | None) -> list[str]:
+    if prefix is None:
+        return []
+    if isinstance(prefix, str):
+        return [prefix]
+    return _check_names(prefix, "prefix")
+
+
+def decode(topic: bytes, meta: bytes, frames: Sequence[Any]) -> tuple[Message, int]:
+    """Turn a received message into a :class:`Message` (channel messages) or a Message whose
+    data is a :class:`Change` (key events). Returns it and its kind."""
+    seq, version, kind = wire.unpack_meta(meta)
+    name = wire.key_str(topic[1:-1])
+    if kind == Kind.MESSAGE:
+        return Message(name, codec.loads(frames), seq), kind
+    if kind == Kind.SET:
+        value = codec.loads(frames) if frames else None
+        return Message(name, Change(name, "set", value, version), seq), kind
+    return Message(name, Change(name, "delete", None, version), seq), kind
+
+
+class GapCounter:
+    """Counts messages lost per topic from their sequence numbers; logs a warning (at most
+    once a second per counter) when it finds some."""
+
+    def __init__(self, what: str, hwm: int) -> None:
+        self.what = what
+        self.hwm = hwm
+        self.dropped = 0
+        self._last: dict[bytes, int] = {}
+        self._unreported = 0
+        self._reported_at = 0.0
+
+    def start(self, snapshot: dict[bytes, int]) -> None:
+        """Count from the welcome's snapshot for topics not already followed."""
+        for topic, seq in snapshot.items():
+            self._last.setdefault(topic, seq)
+
+    def accept(self, topic: bytes, seq: int) -> bool:
+        """Record ``seq`` for ``topic``; False if the message is older than the subscription."""
+        prev = self._last.get(topic, 0)
+        if seq <= prev:
+            return False
+        self._last[topic] = seq
+        gap = seq - prev - 1
+        if gap:
+            self.dropped += gap
+            self._unreported += gap
+            now = time.monotonic()
+            if now - self._reported_at >= 1.0:
+                log.warning("%s lost %d message(s) (%d in all): it fell behind by more than its "
+                            "high-water mark (hwm=%d)", self.what, self._unreported,
+                            self.dropped, self.hwm)
+                self._unreported = 0
+                self._reported_at = now
+        return True
+
+
+def open_sub_socket(ctx: zmq.Context[Any], address: str, hwm: int) -> zmq.Socket[Any]:
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.RCVHWM, hwm)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    return sock
+
+
+def await_welcome(sock: zmq.Socket[Any], probe: bytes, timeout: float,
+                  alive: Callable[[], bool]) -> dict[bytes, int]:
+    """Wait on ``sock`` for the owner's answer to ``probe``; discard anything received before
+    it (published before the subscription was live). Returns the welcome's snapshot."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if sock.poll(int(max(0.0, min(remaining, _SLICE)) * 1000)):
+            frames = sock.recv_multipart()
+            if frames[0] == probe and len(frames) == 3:
+                sock.setsockopt(zmq.UNSUBSCRIBE, probe)
+                return wire.parse_welcome(frames[2])
+            continue
+        if not alive():
+            raise OwnerGoneError("the zkv owner is gone")
+        if remaining <= 0:
+            raise ZkvTimeoutError(f"the zkv owner did not confirm a subscription within {timeout}s")
+
+
+class Subscriber:
+    """Messages of some channels (or change events of some keys), pulled by the caller.
+
+    Made by :meth:`zkv.Store.subscribe` or :meth:`zkv.Store.watch`; live from the moment it
+    is returned. Use :meth:`receive` / :meth:`receive_message` with a timeout, iterate
+    (``for data in sub``, ``async for data in sub``), and :meth:`close` it (or use it as a
+    context manager). It holds its own SUB socket; one thread at a time may receive.
+    """
+
+    def __init__(self, ctx: zmq.Context[Any], address: str, topics: Topics, *, hwm: int,
+                 timeout: float, alive: Callable[[], bool], what: str) -> None:
+        if not topics:
+            raise ValueError("subscribe to at least one channel or prefix")
+        self._topics = topics
+        self._alive = alive
+        self._lock = threading.Lock()
+        self._closed = False
+        self._gaps = GapCounter(what, hwm)
+        self._sock = open_sub_socket(ctx, address, hwm)
+        self._async_sock: zmq.asyncio.Socket | None = None
+        try:
+            for topic in topics.all():
+                self._sock.setsockopt(zmq.SUBSCRIBE, topic)
+            probe = wire.make_probe(topics.all())
+            self._sock.setsockopt(zmq.SUBSCRIBE, probe)
+            self._gaps.start(await_welcome(self._sock, probe, timeout, alive))
+        except BaseException:
+            self._sock.close(0)
+            raise
+
+    @property
+    def dropped(self) -> int:
+        """How many messages this subscriber lost because it fell behind (sequence gaps)."""
+        return self._gaps.dropped
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def receive_message(self, timeout: float | None = None) -> Message:
+        """The next :class:`Message`. Waits up to ``timeout`` seconds (None: until one comes)
+        and then raises :class:`~zkv.ZkvTimeoutError`; raises :class:`~zkv.OwnerGoneError` if
+        the owner dies while waiting and :class:`~zkv.StoreClosedError` once closed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise StoreClosedError("this subscriber is closed")
+                wait = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
+                if self._sock.poll(int(max(wait, 0.0) * 1000)):
+                    message = self._take(self._sock.recv_multipart(copy=False))
+                    if message is not None:
+                        return message
+                    continue
+            if not self._alive():
+                raise OwnerGoneError("the zkv owner is gone")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ZkvTimeoutError(f"no message within {timeout}s")
+
+    def receive(self, timeout: float | None = None) -> Any:
+        """The next message's data (see :meth:`receive_message`)."""
+        return self.receive_message(timeout).data
+
+    def _take(self, frames: list[Any]) -> Message | None:
+        if len(frames) < 2:
+            return None
+        topic = frames[0].bytes
+        if not self._topics.matches(topic):
+            return None
+        meta = frames[1].bytes
+        seq = wire.unpack_meta(meta)[0]
+        if not self._gaps.accept(topic, seq):
+            return None
+        values = [f.bytes if len(f) < 65536 else f for f in frames[2:]]
+        return decode(topic, meta, values)[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            try:
+                yield self.receive()
+            except StoreClosedError:
+                return
+
+    async def _areceive_message(self) -> Message:
+        if self._async_sock is None:
+            self._async_sock = zmq.asyncio.Socket.from_socket(self._sock)
+        while True:
+            if self._closed:
+                raise StoreClosedError("this subscriber is closed")
+            events = await self._async_sock.poll(int(_SLICE * 1000))
+            if events:
+                with self._lock:
+                    if self._closed:
+                        raise StoreClosedError("this subscriber is closed")
+                    try:
+                        frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        continue
+                message = self._take(frames)
+                if message is not None:
+                    return message
+            elif not self._alive():
+                raise OwnerGoneError("the zkv owner is gone")
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[Any]:
+        while True:
+            try:
+                message = await self._areceive_message()
+            except StoreClosedError:
+                return
+            yield message.data
+
+    async def areceive(self, timeout: float | None = None) -> Any:
+        """``await`` the next message's data; raises ZkvTimeoutError after ``timeout``."""
+        try:
+            message = await asyncio.wait_for(self._areceive_message(), timeout)
+        except asyncio.TimeoutError:
+            raise ZkvTimeoutError(f"no message within {timeout}s") from None
+        return message.data
+
+    def unsubscribe(self) -> None:
+        """Stop receiving new messages; iteration ends. Same as :meth:`close`."""
+        self.close()
+
+    def close(self) -> None:
+        """Unsubscribe and close the socket (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            if self._async_sock is not None:
+                self._async_sock.close(0)
+            self._sock.close(0)
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "live"
+        topics = [t.decode(errors="replace") for t in self._topics.all()]
+        return f"<zkv.Subscriber {state} {topics} dropped={self.dropped}>"

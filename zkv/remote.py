@@ -1,0 +1,240 @@
+"""A client's side of a store: each operation encoded as a request to the owner.
+
+Every operation is written once as an *encoder* ``_<name>(*args) -> (op, frames, decode)``;
+a single call sends it and decodes the reply, and a pipeline packs many into one message.
+"""
+
+from __future__ import annotations
+
+import json
+from array import array
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import zmq
+
+from . import codec, wire
+from .client import Connection
+from .codec import Frame
+from .config import Options
+from .errors import ProtocolError
+from .state import MISSING
+from .wire import Op, Status
+
+__all__ = ["RemoteCore"]
+
+Decode = Callable[[int, list[Any]], Any]
+Encoded = tuple[int, list[Frame], Decode]
+
+
+def _ok(status: int, frames: list[Any]) -> None:
+    return None
+
+
+def _found(status: int, frames: list[Any]) -> bool:
+    return status == Status.OK
+
+
+def _value(status: int, frames: list[Any]) -> Any:
+    return codec.loads(frames)
+
+
+class RemoteCore:
+    """Store operations for a process that is not the owner."""
+
+    is_owner = False
+
+    def __init__(self, address: str, options: Options) -> None:
+        self.options = options
+        self.conn = Connection(address, options)
+        self.endpoint = address
+        self.pub_address = self.conn.pub_address
+        self.context: zmq.Context[Any] = self.conn.context
+
+    @property
+    def lost(self) -> bool:
+        return self.conn.lost
+
+    def owner_alive(self) -> bool:
+        return not self.conn.lost and self.conn.owner_alive()
+
+    def _call(self, encoded: Encoded, timeout: float | None = None) -> Any:
+        op, frames, decode = encoded
+        status, reply = self.conn.request(op, frames, timeout)
+        if status == Status.ERROR:
+            raise wire.decode_error(reply)
+        return decode(status, reply)
+
+    # -- encoders --------------------------------------------------------------------------------
+
+    def _get(self, key: str, default: Any = None) -> Encoded:
+        def decode(status: int, frames: list[Any]) -> Any:
+            return codec.loads(frames) if status == Status.OK else default
+        return Op.GET, [wire.key_bytes(key)], decode
+
+    def _set(self, key: str, value: Any) -> Encoded:
+        return Op.SET, [wire.key_bytes(key), *codec.dumps(value)], _ok
+
+    def _delete(self, key: str) -> Encoded:
+        return Op.DELETE, [wire.key_bytes(key)], _found
+
+    def _contains(self, key: str) -> Encoded:
+        return Op.CONTAINS, [wire.key_bytes(key)], _found
+
+    def _modify(self, key: str, fn: Callable[[Any], Any], default: Any) -> Encoded:
+        frames = wire.pack_sections([[wire.key_bytes(key)], codec.dumps(fn),
+                                     codec.dumps(default)])
+        return Op.MODIFY, frames, _value
+
+    def _incr(self, key: str, amount: int | float) -> Encoded:
+        return Op.INCR, [wire.key_bytes(key), *codec.dumps(amount)], _value
+
+    def _setdefault(self, key: str, default: Any) -> Encoded:
+        return Op.SETDEFAULT, [wire.key_bytes(key), *codec.dumps(default)], _value
+
+    def _pop(self, key: str, default: Any) -> Encoded:
+        def decode(status: int, frames: list[Any]) -> Any:
+            if status == Status.OK:
+                return codec.loads(frames)
+            if default is MISSING:
+                raise KeyError(key)
+            return default
+        return Op.POP, [wire.key_bytes(key)], decode
+
+    def _compare_and_set(self, key: str, expected: Any, new: Any) -> Encoded:
+        frames = wire.pack_sections([[wire.key_bytes(key)], codec.dumps(expected),
+                                     codec.dumps(new)])
+        return Op.CAS, frames, _found
+
+    # -- operations ------------------------------------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._call(self._get(key, default))
+
+    def set(self, key: str, value: Any) -> None:
+        self._call(self._set(key, value))
+
+    def delete(self, key: str) -> bool:
+        return bool(self._call(self._delete(key)))
+
+    def contains(self, key: str) -> bool:
+        return bool(self._call(self._contains(key)))
+
+    def modify(self, key: str, fn: Callable[[Any], Any], default: Any) -> Any:
+        return self._call(self._modify(key, fn, default))
+
+    def incr(self, key: str, amount: int | float) -> int | float:
+        return self._call(self._incr(key, amount))  # type: ignore[no-any-return]
+
+    def setdefault(self, key: str, default: Any) -> Any:
+        return self._call(self._setdefault(key, default))
+
+    def pop(self, key: str, default: Any) -> Any:
+        return self._call(self._pop(key, default))
+
+    def compare_and_set(self, key: str, expected: Any, new: Any) -> bool:
+        return bool(self._call(self._compare_and_set(key, expected, new)))
+
+    def length(self) -> int:
+        return self._call((Op.LEN, [], _value))  # type: ignore[no-any-return]
+
+    def keys(self) -> list[str]:
+        def decode(status: int, frames: list[Any]) -> list[str]:
+            return [wire.key_str(f) for f in frames]
+        return self._call((Op.KEYS, [], decode))  # type: ignore[no-any-return]
+
+    def clear(self) -> None:
+        self._call((Op.CLEAR, [], _ok))
+
+    def get_all(self) -> dict[str, Any]:
+        def decode(status: int, frames: list[Any]) -> dict[str, Any]:
+            sections = wire.unpack_sections(frames)
+            if len(sections) % 2:
+                raise ProtocolError("get_all reply has an odd number of sections")
+            return {wire.key_str(sections[i][0]): codec.loads(sections[i + 1])
+                    for i in range(0, len(sections), 2)}
+        return self._call((Op.GET_ALL, [], decode))  # type: ignore[no-any-return]
+
+    def transact(self, fn: Callable[[Any], Any]) -> Any:
+        return self._call((Op.TRANSACT, codec.dumps(fn), _value))
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        keys = list(keys)
+        values = self.execute([("get", (key, MISSING)) for key in keys])
+        return {key: value for key, value in zip(keys, values) if value is not MISSING}
+
+    def set_many(self, items: list[tuple[str, Any]]) -> None:
+        self.execute([("set", item) for item in items])
+
+    def execute(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+        """Send queued operations as one PIPELINE request; return their results in order. The
+        owner applies them as one atomic step; every operation runs, and the first error is
+        raised after all of them."""
+        if not calls:
+            return []
+        index = array("I")
+        frames: list[Frame] = [b""]
+        decoders: list[Decode] = []
+        for name, args in calls:
+            op, sub, decode = getattr(self, "_" + name)(*args)
+            index.append(op)
+            index.append(len(sub))
+            frames.extend(sub)
+            decoders.append(decode)
+        frames[0] = index.tobytes()
+        status, reply = self.conn.request(Op.PIPELINE, frames)
+        if status == Status.ERROR:
+            raise wire.decode_error(reply)
+        out_index = array("I")
+        out_index.frombytes(reply[0])
+        if len(out_index) != 2 * len(calls):
+            raise ProtocolError("pipeline reply does not match the request")
+        results: list[Any] = []
+        first_error: BaseException | None = None
+        at = 1
+        for i, decode in enumerate(decoders):
+            sub_status, n = out_index[2 * i], out_index[2 * i + 1]
+            sub = reply[at:at + n]
+            at += n
+            try:
+                if sub_status == Status.ERROR:
+                    raise wire.decode_error(sub)
+                results.append(decode(sub_status, sub))
+            except Exception as exc:
+                results.append(exc)
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        return results
+
+    # -- locks -----------------------------------------------------------------------------------
+
+    def lock_acquire(self, name: str, token: bytes, timeout: float | None) -> bool:
+        frames = [wire.key_bytes(name), token, json.dumps(timeout).encode()]
+        wait = float("inf") if timeout is None else timeout + self.options.timeout
+        try:
+            status, reply = self.conn.request(Op.LOCK, frames, timeout=wait)
+        except BaseException:
+            # Gave up (timeout, interrupt): withdraw the wait, or give back a late grant.
+            try:
+                self.conn.send(Op.UNLOCK, [wire.key_bytes(name), token])
+            except Exception:
+                pass
+            raise
+        if status == Status.ERROR:
+            raise wire.decode_error(reply)
+        return status == Status.OK
+
+    def lock_release(self, name: str, token: bytes) -> bool:
+        status, reply = self.conn.request(Op.UNLOCK, [wire.key_bytes(name), token])
+        if status == Status.ERROR:
+            raise wire.decode_error(reply)
+        return status == Status.OK
+
+    # -- publish ---------------------------------------------------------------------------------
+
+    def publish(self, channel: str, data: Any) -> None:
+        self.conn.send(Op.PUBLISH, [wire.key_bytes(channel), *codec.dumps(data)])
+
+    def close(self) -> None:
+        self.conn.close()

@@ -1,0 +1,551 @@
+"""The owner's poller thread: a ROUTER socket for requests and an XPUB socket for fan-out.
+
+One thread serves both sockets. It applies every request from other processes to the
+:class:`~zkv.state.State` (one at a time, so operations from all processes fall in one order),
+sequences and fans out published messages and change events, answers lock waits when locks are
+released, and notices sessions whose processes died.
+
+The owner's own threads never touch these sockets: what they publish, and the change events of
+what they write, are put on an outbox (under the state lock, so in the order the changes were
+applied) and the poller thread is woken through a pipe.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from . import codec, endpoint, wire
+from .codec import Frame
+from .config import Options
+from .errors import EncodeError, ProtocolError
+from .locks import LockTable
+from .state import DELETE, Entry, State
+from .waker import Waker
+from .wire import Kind, Op, Status
+
+__all__ = ["OWNER_SESSION", "Server"]
+
+log = logging.getLogger("zkv.server")
+
+#: The session id under which the owner's own threads hold locks.
+OWNER_SESSION = b"\0" * 8
+
+_LARGE = 64 * 1024
+_BATCH = 256  # requests handled per poll wake-up before looking at the other sockets
+_LIVENESS_PERIOD = 0.2  # seconds between checks that lock-holding clients are alive
+
+Reply = tuple[int, list[Frame]] | None
+Handler = Callable[[bytes, bytes, int, list[Any]], Reply]
+
+
+class _Session:
+    __slots__ = ("host", "last_seen", "local", "pid")
+
+    def __init__(self, pid: int, host: str, local: bool) -> None:
+        self.pid = pid
+        self.host = host
+        self.local = local
+        self.last_seen = time.monotonic()
+
+
+class Server:
+    """Binds the owner's sockets and runs its poller thread.
+
+    ``bind`` is None for private ipc sockets, or a ``tcp://host:port`` address.
+    """
+
+    def __init__(self, state: State, options: Options, locks: LockTable,
+                 bind: str | None = None) -> None:
+        self.state = state
+        self.options = options
+        self.locks = locks
+        self._ctx = zmq.Context(io_threads=1)
+        self._ctx.setsockopt(zmq.LINGER, 0)
+        self.directory: Path | None = None
+        self._router = self._ctx.socket(zmq.ROUTER)
+        self._xpub = self._ctx.socket(zmq.XPUB)
+        self._router.setsockopt(zmq.MAXMSGSIZE, options.max_message_size)
+        self._router.setsockopt(zmq.RCVHWM, 0)
+        self._router.setsockopt(zmq.SNDHWM, 0)
+        self._xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+        self._xpub.setsockopt(zmq.SNDHWM, options.hwm)
+        self._xpub.setsockopt(zmq.LINGER, int(options.linger * 1000))
+        try:
+            if bind is None:
+                self.directory, self.endpoint, pub = endpoint.make_ipc_dir()
+                self._router.bind(self.endpoint)
+                self._xpub.bind(pub)
+                self.pub_announce = pub
+            else:
+                ep = endpoint.parse(bind)
+                if ep.transport != "tcp":
+                    raise ValueError(f"serve() binds ipc sockets itself; pass None or tcp://, "
+                                     f"not {bind!r}")
+                self._router.bind(bind)
+                self.endpoint = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+                host = ep.host or "*"
+                self._xpub.bind(f"tcp://{host}:*")
+                self.pub_announce = self._xpub.getsockopt(zmq.LAST_ENDPOINT).decode()
+                self.pub_announce = self.pub_announce.rsplit(":", 1)[1]
+            self.inproc_pub = f"inproc://zkv-pub-{secrets.token_hex(6)}"
+            self._xpub.bind(self.inproc_pub)
+        except BaseException:
+            self._router.close()
+            self._xpub.close()
+            self._ctx.term()
+            if self.directory is not None:
+                endpoint.remove_ipc_dir(self.directory)
+            raise
+        self._waker = Waker()
+        self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="zkv-owner", daemon=True)
+        self._thread_id: int | None = None
+        self._sessions: dict[bytes, _Session] = {}
+        self._subscriptions: collections.Counter[bytes] = collections.Counter()
+        self._watch_topics: list[bytes] = []
+        self._seqs: dict[bytes, int] = {}
+        self.refused = 0
+        self._hostname = socket.gethostname()
+        self._handlers: dict[int, Handler] = {
+            Op.HELLO: self._hello,
+            Op.GET: self._get,
+            Op.SET: self._set,
+            Op.DELETE: self._delete,
+            Op.PIPELINE: self._pipeline,
+            Op.GET_ALL: self._get_all,
+            Op.KEYS: self._keys,
+            Op.LEN: self._len,
+            Op.CONTAINS: self._contains,
+            Op.CLEAR: self._clear,
+            Op.MODIFY: self._modify,
+            Op.INCR: self._incr,
+            Op.SETDEFAULT: self._setdefault,
+            Op.POP: self._pop,
+            Op.CAS: self._cas,
+            Op.TRANSACT: self._transact,
+            Op.LOCK: self._lock,
+            Op.UNLOCK: self._unlock,
+            Op.PUBLISH: self._publish,
+            Op.PING: self._ping,
+            Op.BYE: self._bye,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        started = threading.Event()
+        self._started = started
+        self._thread.start()
+        started.wait()
+
+    def close(self) -> None:
+        """Stop the poller thread, close the sockets and remove the socket directory."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._waker.wake()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.options.linger + 5)
+        self._waker.close()
+        if self.directory is not None:
+            endpoint.remove_ipc_dir(self.directory)
+
+    # -- hand-off from the owner's own threads ---------------------------------------------------
+
+    def post(self, item: tuple[Any, ...]) -> None:
+        """Queue work for the poller thread: ``("pub", channel_bytes, frames)``,
+        ``("chg", kind, key, entry)`` or ``("reply", routing_id, frames)``."""
+        self._outbox.append(item)
+        if threading.get_ident() != self._thread_id:
+            self._waker.wake()
+
+    def _on_change(self, kind: int, key: str, entry: Entry | None) -> None:
+        self.post(("chg", kind, key, entry))
+
+    # -- the poller thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._thread_id = threading.get_ident()
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._xpub, zmq.POLLIN)
+        poller.register(self._waker.fd, zmq.POLLIN)
+        router, xpub, wake_r = self._router, self._xpub, self._waker.fd
+        self._started.set()
+        next_liveness = time.monotonic() + _LIVENESS_PERIOD
+        try:
+            while not self._stopping:
+                timeout = self._poll_timeout(next_liveness)
+                try:
+                    ready = dict(poller.poll(timeout))
+                except zmq.ZMQError as exc:  # pragma: no cover - EINTR and the like
+                    log.debug("poll failed: %s", exc)
+                    continue
+                if router in ready:
+                    for _ in range(_BATCH):
+                        try:
+                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                if xpub in ready:
+                    self._read_subscriptions()
+                if wake_r in ready:
+                    self._waker.drain()
+                if self._outbox:
+                    self._flush_outbox()
+                now = time.monotonic()
+                self.locks.expire(now)
+                if now >= next_liveness:
+                    self._check_sessions()
+                    next_liveness = now + _LIVENESS_PERIOD
+                    if self._outbox:
+                        self._flush_outbox()
+        except Exception:  # pragma: no cover - a bug; keep the traceback
+            log.exception("zkv owner poller thread crashed")
+            raise
+        finally:
+            self.state.on_change = None
+            self._router.close(0)
+            self._xpub.close(int(self.options.linger * 1000))
+            self._ctx.term()
+
+    def _poll_timeout(self, next_liveness: float) -> int:
+        now = time.monotonic()
+        deadline = self.locks.expire(now)
+        nearest = next_liveness
+        if deadline is not None:
+            nearest = min(nearest, deadline)
+        return max(0, int((nearest - now) * 1000) + 1)
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2:
+            self._refuse("message without a header frame")
+            return
+        routing_id = frames[0].bytes
+        try:
+            rid, op = wire.unpack_header(frames[1].bytes)
+        except ProtocolError as exc:
+            self._refuse(str(exc))
+            return
+        handler = self._handlers.get(op)
+        session = routing_id[:8]
+        if handler is None:
+            self._refuse(f"unknown operation {op}")
+            self._reply(routing_id, rid, Status.ERROR,
+                        wire.encode_error(ProtocolError(f"unknown operation {op}")))
+            return
+        args = [f.bytes if len(f) < _LARGE else f for f in frames[2:]]
+        try:
+            result = handler(session, routing_id, rid, args)
+        except Exception as exc:
+            if isinstance(exc, ProtocolError):
+                self._refuse(f"{Op(op).name}: {exc}")
+            result = (Status.ERROR, wire.encode_error(exc))
+        if result is not None:
+            self._reply(routing_id, rid, result[0], result[1])
+
+    def _reply(self, routing_id: bytes, rid: int, status: int, out: list[Frame]) -> None:
+        try:
+            self._router.send_multipart([routing_id, wire.pack_header(rid, status), *out],
+                                        copy=False)
+        except zmq.ZMQError as exc:  # peer gone: its request dies with it
+            log.debug("reply to %r dropped: %s", routing_id, exc)
+
+    def _refuse(self, why: str) -> None:
+        self.refused += 1
+        if self.refused <= 10 or self.refused % 1000 == 0:
+            log.warning("zkv owner refused a message (%d so far): %s", self.refused, why)
+
+    # -- subscriptions and fan-out ---------------------------------------------------------------
+
+    def _read_subscriptions(self) -> None:
+        while True:
+            try:
+                msg = self._xpub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if not msg:
+                continue
+            topic = msg[1:]
+            if msg[0] == 1:
+                self._subscriptions[topic] += 1
+                if topic[:1] == b"w":
+                    self._welcome(topic)
+            elif msg[0] == 0:
+                self._subscriptions[topic] -= 1
+                if self._subscriptions[topic] <= 0:
+                    del self._subscriptions[topic]
+            self._update_watch_hook()
+
+    def _update_watch_hook(self) -> None:
+        self._watch_topics = [t for t in self._subscriptions if t[:1] == b"k"]
+        hook = self._on_change if self._watch_topics else None
+        if self.state.on_change is not hook:
+            with self.state.lock:
+                self.state.on_change = hook
+
+    def _welcome(self, probe: bytes) -> None:
+        """A subscriber's probe arrived: everything it subscribed before it is live. Answer
+        with the current sequence number of each of its topics, so that it counts gaps from
+        here."""
+        self._flush_outbox()  # messages sequenced before the probe keep their place
+        snapshot: dict[bytes, int] = {}
+        for topic in wire.probe_topics(probe):
+            if topic.endswith(b"\0"):
+                snapshot[topic] = self._seqs.get(topic, 0)
+            else:
+                snapshot.update((t, s) for t, s in self._seqs.items() if t.startswith(topic))
+        self._xpub.send_multipart([probe, wire.pack_meta(0, self.state.version, Kind.WELCOME),
+                                   wire.pack_welcome(snapshot)])
+
+    def _flush_outbox(self) -> None:
+        outbox = self._outbox
+        while outbox:
+            item = outbox.popleft()
+            what = item[0]
+            if what == "pub":
+                self._fan_out(b"c" + item[1] + b"\0", Kind.MESSAGE, item[2])
+            elif what == "chg":
+                self._change_event(item[1], item[2], item[3])
+            elif what == "reply":
+                try:
+                    self._router.send_multipart(item[1], copy=False)
+                except zmq.ZMQError:
+                    pass
+
+    def _fan_out(self, topic: bytes, kind: int, frames: Sequence[Frame]) -> None:
+        seq = self._seqs.get(topic, 0) + 1
+        self._seqs[topic] = seq
+        self._xpub.send_multipart(
+            [topic, wire.pack_meta(seq, self.state.version, kind), *frames], copy=False)
+
+    def _change_event(self, kind: int, key: str, entry: Entry | None) -> None:
+        topic = b"k" + wire.key_bytes(key) + b"\0"
+        if not any(topic.startswith(t) for t in self._watch_topics):
+            return
+        frames: list[Frame] = []
+        if entry is not None:
+            try:
+                frames = entry.wire()
+            except EncodeError:
+                frames = []
+        self._fan_out(topic, Kind.DELETE if kind == DELETE else Kind.SET, frames)
+
+    # -- sessions --------------------------------------------------------------------------------
+
+    def _check_sessions(self) -> None:
+        for session in self.locks.sessions():
+            if session == OWNER_SESSION:
+                continue
+            info = self._sessions.get(session)
+            if info is not None and info.local and not endpoint.pid_alive(info.pid):
+                log.info("zkv client pid %d died; releasing its locks", info.pid)
+                self._end_session(session)
+
+    def _end_session(self, session: bytes) -> None:
+        self._sessions.pop(session, None)
+        self.locks.drop_session(session)
+
+    # -- request handlers: (session, routing_id, rid, args) -> (status, frames) or None ----------
+
+    def _hello(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        info = wire.decode_json(args[0]) if args else {}
+        pid = int(info.get("pid", 0))
+        host = str(info.get("host", ""))
+        local = host == self._hostname and self.directory is not None
+        self._sessions[session] = _Session(pid, host, local)
+        reply = {
+            "version": wire.PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "host": self._hostname,
+            "pub": self.pub_announce,
+            "max_message_size": self.options.max_message_size,
+            "hwm": self.options.hwm,
+        }
+        return Status.OK, [wire.encode_json(reply)]
+
+    def _get(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        entry = self.state.data.get(wire.key_str(args[0]))
+        if entry is None:
+            return Status.NONE, []
+        return Status.OK, entry.wire()
+
+    def _set(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        if len(args) < 2:
+            raise ProtocolError("SET needs a key and a value")
+        self.state.put(wire.key_str(args[0]), Entry.from_frames(args[1:]))
+        return Status.OK, []
+
+    def _delete(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        entry = self.state.delete(wire.key_str(args[0]))
+        return (Status.NONE if entry is None else Status.OK), []
+
+    def _pipeline(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        if not args:
+            raise ProtocolError("PIPELINE needs an index")
+        index = array("I")
+        try:
+            index.frombytes(bytes(args[0]))
+        except ValueError:
+            raise ProtocolError("bad pipeline index") from None
+        if len(index) % 2 or sum(index[1::2]) != len(args) - 1:
+            raise ProtocolError("pipeline index does not match its frames")
+        out_index = array("I")
+        out: list[Frame] = [b""]
+        at = 1
+        with self.state.lock:
+            for i in range(0, len(index), 2):
+                op, n = index[i], index[i + 1]
+                sub = args[at:at + n]
+                at += n
+                handler = self._handlers.get(op)
+                if handler is None or op in _NOT_PIPELINED:
+                    result: Reply = (Status.ERROR, wire.encode_error(
+                        ProtocolError(f"operation {op} cannot be pipelined")))
+                else:
+                    try:
+                        result = handler(session, routing_id, rid, sub)
+                    except Exception as exc:
+                        result = (Status.ERROR, wire.encode_error(exc))
+                assert result is not None
+                out_index.append(result[0])
+                out_index.append(len(result[1]))
+                out.extend(result[1])
+        out[0] = out_index.tobytes()
+        return Status.OK, out
+
+    def _get_all(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        sections: list[Sequence[Frame]] = []
+        failed: list[str] = []
+        for key, entry in self.state.snapshot().items():
+            try:
+                frames = entry.wire()
+            except EncodeError:
+                failed.append(key)
+                continue
+            sections.append([wire.key_bytes(key)])
+            sections.append(frames)
+        if failed:
+            raise EncodeError(f"get_all: the owner holds values that cannot be pickled, under "
+                              f"keys {failed[:5]!r}{'...' if len(failed) > 5 else ''}")
+        return Status.OK, wire.pack_sections(sections)
+
+    def _keys(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        with self.state.lock:
+            keys = list(self.state.data)
+        return Status.OK, [wire.key_bytes(k) for k in keys]
+
+    def _len(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        return Status.OK, codec.dumps(len(self.state.data))
+
+    def _contains(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        found = wire.key_str(args[0]) in self.state.data
+        return (Status.OK if found else Status.NONE), []
+
+    def _clear(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        self.state.clear()
+        return Status.OK, []
+
+    def _modify(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        key, fn, default = _sections(args, 3, "MODIFY")
+        entry = self.state.modify(wire.key_str(key[0]), codec.loads(fn), codec.loads(default))
+        return Status.OK, entry.wire()
+
+    def _incr(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        if len(args) < 2:
+            raise ProtocolError("INCR needs a key and an amount")
+        new = self.state.incr(wire.key_str(args[0]), codec.loads(args[1:]))
+        return Status.OK, codec.dumps(new)
+
+    def _setdefault(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        if len(args) < 2:
+            raise ProtocolError("SETDEFAULT needs a key and a value")
+        entry = self.state.setdefault(wire.key_str(args[0]), Entry.from_frames(args[1:]))
+        return Status.OK, entry.wire()
+
+    def _pop(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        key = wire.key_str(args[0])
+        with self.state.lock:
+            entry = self.state.data.get(key)
+            if entry is None:
+                return Status.NONE, []
+            frames = entry.wire()  # fails before the key is removed if it cannot travel
+            self.state.delete(key)
+        return Status.OK, frames
+
+    def _cas(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        key, expected, new = _sections(args, 3, "CAS")
+        expected_obj = codec.loads(expected)
+        done = self.state.compare_and_set(wire.key_str(key[0]), expected_obj,
+                                          Entry.from_frames(list(new)))
+        return (Status.OK if done else Status.NONE), []
+
+    def _transact(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        result = self.state.transact(codec.loads(args))
+        return Status.OK, codec.dumps(result)
+
+    def _lock(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        if len(args) != 3:
+            raise ProtocolError("LOCK needs a name, a token and a timeout")
+        if session not in self._sessions:
+            raise ProtocolError("LOCK from a session that did not say HELLO")
+        name = wire.key_str(args[0])
+        token = bytes(args[1])
+        timeout = wire.decode_json(args[2])
+        deadline = None if timeout is None else time.monotonic() + float(timeout)
+
+        def grant(granted: bool) -> None:
+            status = Status.OK if granted else Status.NONE
+            self.post(("reply", [routing_id, wire.pack_header(rid, status)]))
+
+        got = self.locks.acquire(name, session, token, deadline, grant)
+        if got is None:
+            return None  # answered by grant() later
+        return (Status.OK if got else Status.NONE), []
+
+    def _unlock(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        if len(args) != 2:
+            raise ProtocolError("UNLOCK needs a name and a token")
+        done = self.locks.release(wire.key_str(args[0]), bytes(args[1]))
+        return (Status.OK if done else Status.NONE), []
+
+    def _publish(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        if len(args) < 2:
+            raise ProtocolError("PUBLISH needs a channel and a value")
+        with self.state.lock:  # in order with the change events of concurrent writes
+            self._outbox.append(("pub", bytes(args[0]), args[1:]))
+        return None
+
+    def _ping(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        info = self._sessions.get(session)
+        if info is not None:
+            info.last_seen = time.monotonic()
+        return Status.OK, []
+
+    def _bye(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        self._end_session(session)
+        return None
+
+
+_NOT_PIPELINED = frozenset({Op.HELLO, Op.PIPELINE, Op.LOCK, Op.PUBLISH, Op.BYE})
+
+
+def _sections(args: list[Any], count: int, what: str) -> list[Sequence[Frame]]:
+    sections = wire.unpack_sections(args)
+    if len(sections) != count or not all(sections):
+        raise ProtocolError(f"{what} needs {count} non-empty sections")
+    return sections

@@ -1,0 +1,625 @@
+"""The public face of zkv: :class:`Store`, and :func:`store`, :func:`serve`, :func:`connect`.
+
+A :class:`Store` looks the same in every process. In the owner its operations go straight to
+the data (:class:`~zkv.local.LocalCore`); in any other process they are requests to the owner
+(:class:`~zkv.remote.RemoteCore`).
+
+Fork safety: after ``os.fork()`` the child never touches its parent's ZeroMQ context or
+sockets. Every live store in the child drops its parent's core (it is kept referenced, never
+closed, so no destructor touches it) and reconnects, on first use, to the same endpoint as a
+client, so that a store made at module level keeps working in forked pool workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import multiprocessing
+import multiprocessing.util
+import os
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from typing import Any, TypeVar, Union
+
+from . import endpoint as _endpoint
+from .config import Options
+from .dispatch import Dispatcher
+from .errors import NoOwnerError, StoreClosedError
+from .local import LocalCore
+from .locks import Lock
+from .pubsub import Subscriber, Topics
+from .remote import RemoteCore
+from .state import MISSING
+
+__all__ = ["Pipeline", "Store", "connect", "serve", "store"]
+
+Core = Union[LocalCore, RemoteCore]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _bad_key(key: object) -> None:
+    if not isinstance(key, str):
+        raise TypeError(f"zkv keys must be str, not {type(key).__name__}: {key!r:.60}")
+
+
+class _Closed:
+    """Stands in for the core of a closed store: every use raises StoreClosedError."""
+
+    is_owner = False
+    lost = False
+
+    def __getattr__(self, name: str) -> Any:
+        raise StoreClosedError("this zkv store is closed")
+
+    def owner_alive(self) -> bool:
+        return False
+
+
+class _Reconnect:
+    """Stands in for the core of a store inherited through ``fork``: the first use connects
+    this process to the owner as a client."""
+
+    is_owner = False
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store._reconnect(), name)
+
+
+class _LockBackend:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def lock_acquire(self, name: str, token: bytes, timeout: float | None) -> bool:
+        return self._store._core.lock_acquire(name, token, timeout)  # type: ignore[no-any-return]
+
+    def lock_release(self, name: str, token: bytes) -> bool:
+        return self._store._core.lock_release(name, token)  # type: ignore[no-any-return]
+
+
+class Store(MutableMapping[str, Any]):
+    """A key-value store with publish/subscribe, shared by every process of a program.
+
+    Obtain one with :func:`zkv.store` (the process-wide store), :func:`zkv.serve` (own a new
+    one) or :func:`zkv.connect` (join one); do not instantiate it directly. It is a
+    :class:`collections.abc.MutableMapping` of ``str`` keys to any picklable values, safe to
+    use from many threads, and a context manager that closes it.
+
+    Values are snapshots: changing an object you got from the store does not change the store;
+    :meth:`set` it again (or use :meth:`modify`). Every operation is applied by the owner as one
+    atomic step, and all processes see the operations in one order.
+    """
+
+    # A store is a handle: equal only to itself (comparing contents would copy the store).
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def __init__(self, core: Core, options: Options) -> None:
+        self._core: Any = core
+        self._options = options
+        self._endpoint = core.endpoint
+        self._is_owner = core.is_owner
+        self._closed = False
+        self._mutex = threading.RLock()
+        self._dispatcher: Dispatcher | None = None
+        self._subscribers: weakref.WeakSet[Subscriber] = weakref.WeakSet()
+        self._env_before: str | None = None
+        self._abandoned: list[Any] = []
+        _LIVE.add(self)
+        _install_exit_hooks()
+
+    # -- identity --------------------------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        """The address other processes pass to :func:`zkv.connect` to join this store."""
+        return self._endpoint
+
+    @property
+    def is_owner(self) -> bool:
+        """True in the process that owns the data (and only there)."""
+        return bool(self._core.is_owner)
+
+    @property
+    def options(self) -> Options:
+        return self._options
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __repr__(self) -> str:
+        role = "closed" if self._closed else ("owner" if self.is_owner else "client")
+        return f"<zkv.Store {role} {self._endpoint}>"
+
+    # -- basic key-value -------------------------------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key``, or ``default`` if it is missing."""
+        if type(key) is not str:
+            _bad_key(key)
+        return self._core.get(key, default)
+
+    def set(self, key: str, value: Any) -> None:
+        """Set ``key`` to ``value``. When this returns, every process sees the new value.
+        Raises :class:`~zkv.EncodeError` (naming the type) if ``value`` cannot be pickled;
+        the store is then unchanged."""
+        if type(key) is not str:
+            _bad_key(key)
+        self._core.set(key, value)
+
+    def delete(self, key: str, ignore_key_error: bool = True) -> bool:
+        """Remove ``key``. Returns whether it existed; with ``ignore_key_error=False`` a
+        missing key raises KeyError instead."""
+        if type(key) is not str:
+            _bad_key(key)
+        found = bool(self._core.delete(key))
+        if not found and not ignore_key_error:
+            raise KeyError(key)
+        return found
+
+    def get_all(self) -> dict[str, Any]:
+        """A copy of the whole store as a dict, taken atomically."""
+        return self._core.get_all()  # type: ignore[no-any-return]
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+        """The values of ``keys`` that exist, in one round trip, read atomically."""
+        keys = list(keys)
+        for key in keys:
+            if type(key) is not str:
+                _bad_key(key)
+        return self._core.get_many(keys)  # type: ignore[no-any-return]
+
+    def set_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
+        """Set many keys in one round trip, as one atomic step."""
+        pairs = list(items.items() if isinstance(items, Mapping) else items)
+        for key, _value in pairs:
+            if type(key) is not str:
+                _bad_key(key)
+        self._core.set_many(pairs)
+
+    # -- the mapping protocol --------------------------------------------------------------------
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, MISSING)
+        if value is MISSING:
+            raise KeyError(key)
+        return value
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.set(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self.delete(key, ignore_key_error=False)
+
+    def __contains__(self, key: object) -> bool:
+        if type(key) is not str:
+            _bad_key(key)
+        return bool(self._core.contains(key))
+
+    def __iter__(self) -> Iterator[str]:
+        """Iterate over a snapshot of the keys."""
+        return iter(self._core.keys())
+
+    def __len__(self) -> int:
+        return int(self._core.length())
+
+    def items(self) -> Any:
+        """The (key, value) pairs of an atomic snapshot (one round trip)."""
+        return self.get_all().items()
+
+    def values(self) -> Any:
+        """The values of an atomic snapshot (one round trip)."""
+        return self.get_all().values()
+
+    def clear(self) -> None:
+        """Remove every key, as one atomic step."""
+        self._core.clear()
+
+    def update(self, other: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
+               /, **kwargs: Any) -> None:
+        """Like :meth:`dict.update`, as one atomic step in one round trip."""
+        pairs = list(other.items() if isinstance(other, Mapping) else other)
+        pairs.extend(kwargs.items())
+        self.set_many(pairs)
+
+    def popitem(self) -> tuple[str, Any]:
+        """Remove and return some (key, value) pair; KeyError if the store is empty."""
+        for key in self:
+            value = self.pop(key, MISSING)
+            if value is not MISSING:
+                return key, value
+        raise KeyError("popitem(): the store is empty")
+
+    # -- atomic operations -----------------------------------------------------------------------
+
+    def modify(self, key: str, fn: Callable[[Any], Any], default: Any = None) -> Any:
+        """Replace the value of ``key`` by ``fn(old)`` as one atomic step, in the owner, and
+        return the new value. ``old`` is ``default`` if the key is missing. ``fn`` travels to
+        the owner with cloudpickle (closures and lambdas work); if it raises, the exception is
+        re-raised here and nothing changes. ``fn`` blocks every other request while it runs:
+        keep it short."""
+        if type(key) is not str:
+            _bad_key(key)
+        if not callable(fn):
+            raise TypeError(f"modify needs a callable, not {type(fn).__name__}")
+        return self._core.modify(key, fn, default)
+
+    def incr(self, key: str, amount: int | float = 1) -> int | float:
+        """Add ``amount`` to the number at ``key`` (missing counts as 0) atomically; return
+        the new value. TypeError if the key holds something else than an int or float."""
+        if type(key) is not str:
+            _bad_key(key)
+        if type(amount) not in (int, float):
+            raise TypeError(f"incr amount must be an int or float, not {type(amount).__name__}")
+        return self._core.incr(key, amount)  # type: ignore[no-any-return]
+
+    def decr(self, key: str, amount: int | float = 1) -> int | float:
+        """``incr(key, -amount)``."""
+        return self.incr(key, -amount)
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        """The value of ``key``; if missing, set it to ``default`` first (atomically)."""
+        if type(key) is not str:
+            _bad_key(key)
+        return self._core.setdefault(key, default)
+
+    def pop(self, key: str, default: Any = MISSING) -> Any:
+        """Remove ``key`` and return its value, atomically. If missing: ``default``, or
+        KeyError when no default is given."""
+        if type(key) is not str:
+            _bad_key(key)
+        return self._core.pop(key, default)
+
+    def compare_and_set(self, key: str, expected: Any, new: Any) -> bool:
+        """Set ``key`` to ``new`` if its value equals ``expected`` (``zkv.MISSING``: if the
+        key does not exist), atomically. Returns whether it was set."""
+        if type(key) is not str:
+            _bad_key(key)
+        return bool(self._core.compare_and_set(key, expected, new))
+
+    def transact(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(mapping)`` in the owner with the whole store to itself, and return what it
+        returns. ``mapping`` reads and writes the store; its writes are applied together when
+        ``fn`` returns, and not at all if it raises (the exception is re-raised here). Values
+        read from it are copies: assign them back to change the store."""
+        if not callable(fn):
+            raise TypeError(f"transact needs a callable, not {type(fn).__name__}")
+        return self._core.transact(fn)
+
+    def lock(self, name: str, timeout: float | None = None) -> Lock:
+        """A cross-process lock named ``name`` (a context manager). ``timeout`` bounds the
+        wait in ``with`` (None: wait until it is free; the wait still ends with
+        :class:`~zkv.OwnerGoneError` if the owner dies). Released when its holder dies."""
+        return Lock(_LockBackend(self), name, timeout)
+
+    def pipeline(self) -> Pipeline:
+        """Queue many operations and send them in one round trip (see :class:`Pipeline`)."""
+        return Pipeline(self)
+
+    # -- publish / subscribe ---------------------------------------------------------------------
+
+    def publish(self, channel: str, data: Any) -> None:
+        """Send ``data`` to every subscriber of ``channel``, in every process (this one
+        included). From a client this costs no round trip; the owner gives every message its
+        place in one order."""
+        if type(channel) is not str:
+            raise TypeError(f"channel names must be str, not {type(channel).__name__}")
+        self._core.publish(channel, data)
+
+    def subscribe(self, *channels: str, prefix: str | Iterable[str] | None = None) -> Subscriber:
+        """A :class:`Subscriber` of ``channels`` (exact names) and/or channels starting with
+        ``prefix``. Live when it returns: every message published after that reaches it."""
+        return self._subscriber(Topics.channels(channels, prefix), "zkv subscriber")
+
+    def watch(self, key: str | None = None, prefix: str | Iterable[str] | None = None
+              ) -> Subscriber:
+        """A :class:`Subscriber` of :class:`Change` events for ``key``, for keys starting
+        with ``prefix``, or for every key if neither is given. Events come from every
+        process's writes, atomic operations included, in the order they were applied."""
+        return self._subscriber(Topics.keys(key, prefix), "zkv watcher")
+
+    def _subscriber(self, topics: Topics, what: str) -> Subscriber:
+        core = self._core
+        sub = Subscriber(core.context, core.pub_address, topics, hwm=self._options.hwm,
+                         timeout=self._options.timeout, alive=core.owner_alive, what=what)
+        self._subscribers.add(sub)
+        return sub
+
+    def on_subscriber_receive(self, channel: str, *, prefix: bool = False,
+                              loop: asyncio.AbstractEventLoop | None = None) -> Callable[[F], F]:
+        """Decorator: call the function with the data of every message on ``channel`` (every
+        channel starting with it if ``prefix=True``), in this process, on its dispatcher
+        thread. Coroutine functions run on ``loop`` (default: an event loop zkv runs). Returns
+        the function unchanged; :meth:`remove_callback` unregisters it."""
+        if type(channel) is not str:
+            raise TypeError(f"channel names must be str, not {type(channel).__name__}")
+        topics = Topics.channels([], channel) if prefix else Topics.channels([channel], None)
+
+        def register(fn: F) -> F:
+            self._get_dispatcher().add(topics, fn, loop)
+            return fn
+        return register
+
+    def on_change(self, key: str | None = None, prefix: str | Iterable[str] | None = None, *,
+                  loop: asyncio.AbstractEventLoop | None = None) -> Callable[[F], F]:
+        """Decorator: call the function with a :class:`Change` for every change of ``key``
+        (or of keys starting with ``prefix``, or of every key). See :meth:`watch`."""
+        topics = Topics.keys(key, prefix)
+
+        def register(fn: F) -> F:
+            self._get_dispatcher().add(topics, fn, loop)
+            return fn
+        return register
+
+    def remove_callback(self, fn: Callable[..., Any]) -> int:
+        """Unregister ``fn`` from every channel and watch; return how many registrations
+        were removed."""
+        if self._dispatcher is None:
+            return 0
+        return self._dispatcher.remove(fn)
+
+    @property
+    def dropped(self) -> int:
+        """Messages this process's callbacks lost because the dispatcher fell behind."""
+        return 0 if self._dispatcher is None else self._dispatcher.dropped
+
+    def _get_dispatcher(self) -> Dispatcher:
+        with self._mutex:
+            if self._dispatcher is None:
+                core = self._core
+                self._dispatcher = Dispatcher(core.context, core.pub_address,
+                                              hwm=self._options.hwm,
+                                              timeout=self._options.timeout,
+                                              alive=core.owner_alive)
+            return self._dispatcher
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the store (idempotent). In the owner this stops serving and removes the
+        sockets: the data is gone and other processes get OwnerGoneError. In a client it
+        releases this process's locks and closes its sockets."""
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            for sub in list(self._subscribers):
+                sub.close()
+            if self._dispatcher is not None:
+                self._dispatcher.close()
+                self._dispatcher = None
+            core, self._core = self._core, _Closed()
+        if not isinstance(core, _Reconnect):
+            core.close()
+        if self._is_owner and self._env_before is not _NOT_SET:
+            if os.environ.get(_endpoint.ENV_VAR) == self._endpoint:
+                if self._env_before is None:
+                    os.environ.pop(_endpoint.ENV_VAR, None)
+                else:
+                    os.environ[_endpoint.ENV_VAR] = self._env_before
+        _forget_global(self)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- fork ------------------------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        self._mutex = threading.RLock()
+        if self._closed:
+            return
+        self._abandoned.append(self._core)  # never closed, never collected: not ours
+        self._abandoned.append(self._dispatcher)
+        self._abandoned.extend(self._subscribers)
+        for sub in self._subscribers:
+            sub._closed = True
+        self._subscribers = weakref.WeakSet()
+        self._dispatcher = None
+        self._core = _Reconnect(self)
+        self._is_owner = False
+        self._env_before = _NOT_SET
+
+    def _reconnect(self) -> Any:
+        with self._mutex:
+            if isinstance(self._core, _Reconnect):
+                self._core = RemoteCore(self._endpoint, self._options)
+                _install_exit_hooks()
+            return self._core
+
+
+_NOT_SET: Any = object()
+
+
+class Pipeline:
+    """Operations queued to be sent to the owner in one round trip, and applied there in
+    order as one atomic step::
+
+        with store.pipeline() as p:
+            p.set("a", 1)
+            p.incr("n")
+            p.get("a")
+        p.results  # [None, 1, 1]
+
+    :meth:`execute` sends them and returns the results (also kept in :attr:`results`). Every
+    queued operation runs; if any raised, the first exception is raised after all of them.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.results: list[Any] = []
+
+    def _queue(self, name: str, key: str, *args: Any) -> Pipeline:
+        if type(key) is not str:
+            _bad_key(key)
+        self._calls.append((name, (key, *args)))
+        return self
+
+    def get(self, key: str, default: Any = None) -> Pipeline:
+        return self._queue("get", key, default)
+
+    def set(self, key: str, value: Any) -> Pipeline:
+        return self._queue("set", key, value)
+
+    def delete(self, key: str) -> Pipeline:
+        return self._queue("delete", key)
+
+    def incr(self, key: str, amount: int | float = 1) -> Pipeline:
+        if type(amount) not in (int, float):
+            raise TypeError(f"incr amount must be an int or float, not {type(amount).__name__}")
+        return self._queue("incr", key, amount)
+
+    def modify(self, key: str, fn: Callable[[Any], Any], default: Any = None) -> Pipeline:
+        if not callable(fn):
+            raise TypeError(f"modify needs a callable, not {type(fn).__name__}")
+        return self._queue("modify", key, fn, default)
+
+    def setdefault(self, key: str, default: Any = None) -> Pipeline:
+        return self._queue("setdefault", key, default)
+
+    def pop(self, key: str, default: Any = MISSING) -> Pipeline:
+        return self._queue("pop", key, default)
+
+    def compare_and_set(self, key: str, expected: Any, new: Any) -> Pipeline:
+        return self._queue("compare_and_set", key, expected, new)
+
+    def contains(self, key: str) -> Pipeline:
+        return self._queue("contains", key)
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def execute(self) -> list[Any]:
+        """Send the queued operations; return their results in order."""
+        calls, self._calls = self._calls, []
+        self.results = self._store._core.execute(calls)
+        return self.results
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.execute()
+
+
+# -- the process-wide store ------------------------------------------------------------------------
+
+_LIVE: weakref.WeakSet[Store] = weakref.WeakSet()
+_GLOBAL: Store | None = None
+_GLOBAL_LOCK = threading.RLock()
+_hooks_pid: int | None = None
+
+
+def store() -> Store:
+    """The process-wide store: the same object on every call in one process.
+
+    On first use it connects to the owner announced in ``ZKV_ENDPOINT`` (or, failing that,
+    owned by an ancestor of this process). If there is none and this is the main process, it
+    becomes the owner: it binds private ipc sockets, starts its poller thread and exports
+    ``ZKV_ENDPOINT`` for the children it starts. A multiprocessing child that finds no owner
+    raises :class:`~zkv.NoOwnerError` instead of silently making a private store.
+    """
+    current = _GLOBAL
+    if current is not None and not current.closed:
+        return current
+    with _GLOBAL_LOCK:
+        if _GLOBAL is not None and not _GLOBAL.closed:
+            return _GLOBAL
+        address = os.environ.get(_endpoint.ENV_VAR) or _endpoint.find_ancestor_owner()
+        if address:
+            made = connect(address)
+        elif multiprocessing.parent_process() is not None:
+            raise NoOwnerError(
+                "this is a multiprocessing child and no zkv owner was found: "
+                f"{_endpoint.ENV_VAR} is not set and no ancestor process owns a store. Create "
+                "the store in the main process (zkv.store() or zkv.serve()) before starting "
+                "the workers, or pass its endpoint: zkv.connect(endpoint)")
+        else:
+            made = serve()
+        _set_global(made)
+        return made
+
+
+def _set_global(made: Store) -> None:
+    global _GLOBAL
+    with _GLOBAL_LOCK:
+        if _GLOBAL is None or _GLOBAL.closed:
+            _GLOBAL = made
+
+
+def _forget_global(gone: Store) -> None:
+    global _GLOBAL
+    with _GLOBAL_LOCK:
+        if _GLOBAL is gone:
+            _GLOBAL = None
+
+
+def serve(endpoint: str | None = None, **options: Any) -> Store:
+    """Own a new store from the moment this returns, and return it.
+
+    ``endpoint=None`` binds private ipc sockets; ``"tcp://host:port"`` binds TCP. The endpoint
+    is exported in ``ZKV_ENDPOINT`` for children started afterwards, and the store becomes this
+    process's :func:`zkv.store` if there was none. Use it as a context manager to close it and
+    remove its sockets. ``options``: see :class:`zkv.config.Options`.
+    """
+    opts = Options.from_env(options)
+    made = Store(LocalCore(opts, endpoint), opts)
+    made._env_before = os.environ.get(_endpoint.ENV_VAR)
+    os.environ[_endpoint.ENV_VAR] = made.endpoint
+    _set_global(made)
+    return made
+
+
+def connect(endpoint: str | None = None, **options: Any) -> Store:
+    """Join an existing store as a client and return it.
+
+    ``endpoint`` defaults to ``ZKV_ENDPOINT``, then to an owner among this process's
+    ancestors. Raises :class:`~zkv.NoOwnerError` if there is no owner to join.
+    """
+    opts = Options.from_env(options)
+    address = endpoint or os.environ.get(_endpoint.ENV_VAR) or _endpoint.find_ancestor_owner()
+    if not address:
+        raise NoOwnerError(f"no zkv endpoint given, {_endpoint.ENV_VAR} is not set and no "
+                           "ancestor process owns a store")
+    return Store(RemoteCore(address, opts), opts)
+
+
+# -- fork and exit -----------------------------------------------------------------------------------
+
+def _after_fork_in_child() -> None:
+    global _GLOBAL_LOCK, _hooks_pid
+    _GLOBAL_LOCK = threading.RLock()
+    _hooks_pid = None
+    for live in list(_LIVE):
+        live._after_fork_in_child()
+
+
+def _close_all() -> None:
+    for live in list(_LIVE):
+        try:
+            live.close()
+        except Exception:  # pragma: no cover - exiting anyway
+            pass
+
+
+def _install_exit_hooks() -> None:
+    """Close every store at exit. ``atexit`` does not run in forked multiprocessing children
+    (they leave through ``os._exit``), so also register with multiprocessing's finalizers."""
+    global _hooks_pid
+    pid = os.getpid()
+    if _hooks_pid == pid:
+        return
+    _hooks_pid = pid
+    multiprocessing.util.Finalize(None, _close_all, exitpriority=100)
+
+
+atexit.register(_close_all)
+os.register_at_fork(after_in_child=_after_fork_in_child)

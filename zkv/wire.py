@@ -1,0 +1,268 @@
+"""The zkv wire protocol: message layouts as pure functions (no sockets here).
+
+Request (client DEALER -> owner ROUTER)::
+
+    [header: rid u32, op u8] [argument frames ...]
+
+Reply (owner ROUTER -> client DEALER)::
+
+    [header: rid u32, status u8] [result frames ...]
+
+``rid`` is chosen by the client per request so that a late reply to a request that timed out is
+recognised and dropped. A value is the list of frames made by :mod:`zkv.codec`. When a message
+carries several values, they are packed as *sections*: a frame holding the frame count of each
+section (u32 little-endian), followed by the sections' frames.
+
+Published message (owner XPUB -> SUB)::
+
+    [topic] [meta: seq u64, version u64, kind u8] [value frames ...]
+
+Topics: ``c<channel>\\0`` for channel messages (``c<prefix>`` for a prefix subscription),
+``k<key>\\0`` for change events of a key, ``w<token>`` for the welcome that makes a
+subscription live. ``seq`` counts messages per topic, so a subscriber sees its losses as gaps.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import pickle
+import struct
+import traceback
+from array import array
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .codec import Frame
+from .errors import ProtocolError, RemoteError
+
+__all__ = [
+    "Op",
+    "Status",
+    "decode_error",
+    "encode_error",
+    "encode_json",
+    "decode_json",
+    "pack_header",
+    "pack_meta",
+    "pack_sections",
+    "unpack_header",
+    "unpack_meta",
+    "unpack_sections",
+    "key_bytes",
+    "key_str",
+    "PROTOCOL_VERSION",
+    "make_probe",
+    "pack_welcome",
+    "parse_welcome",
+    "probe_topics",
+]
+
+PROTOCOL_VERSION = 1
+
+_HEADER = struct.Struct("<IB")
+_META = struct.Struct("<QQB")
+
+
+class Op(enum.IntEnum):
+    """Request operations."""
+
+    HELLO = 0
+    GET = 1
+    SET = 2
+    DELETE = 3
+    PIPELINE = 4
+    GET_ALL = 5
+    KEYS = 6
+    LEN = 7
+    CONTAINS = 8
+    CLEAR = 9
+    MODIFY = 10
+    INCR = 11
+    SETDEFAULT = 12
+    POP = 13
+    CAS = 14
+    TRANSACT = 15
+    LOCK = 16
+    UNLOCK = 17
+    PUBLISH = 18  # one-way: no reply
+    PING = 19
+    BYE = 20  # one-way: the session is closing
+    GET_VERSIONED = 21
+
+
+class Status(enum.IntEnum):
+    """Reply status."""
+
+    OK = 0
+    NONE = 1  # missing key, failed comparison, lock not acquired in time
+    ERROR = 2
+
+
+class Kind(enum.IntEnum):
+    """What a published message is."""
+
+    MESSAGE = 0
+    SET = 1
+    DELETE = 2
+    WELCOME = 3
+
+
+def pack_header(rid: int, code: int) -> bytes:
+    return _HEADER.pack(rid, code)
+
+
+def unpack_header(frame: Frame) -> tuple[int, int]:
+    try:
+        return _HEADER.unpack(frame)  # type: ignore[return-value]
+    except struct.error:
+        raise ProtocolError(f"bad header frame of {len(frame)} bytes") from None
+
+
+def pack_meta(seq: int, version: int, kind: int) -> bytes:
+    return _META.pack(seq, version, kind)
+
+
+def unpack_meta(frame: Frame) -> tuple[int, int, int]:
+    try:
+        return _META.unpack(frame)  # type: ignore[return-value]
+    except struct.error:
+        raise ProtocolError(f"bad meta frame of {len(frame)} bytes") from None
+
+
+def pack_sections(sections: Iterable[Sequence[Frame]]) -> list[Frame]:
+    """Flatten several values (each a list of frames) into one frame list."""
+    counts = array("I")
+    out: list[Frame] = [b""]
+    for section in sections:
+        counts.append(len(section))
+        out.extend(section)
+    out[0] = counts.tobytes()
+    return out
+
+
+def unpack_sections(frames: Sequence[Frame]) -> list[Sequence[Frame]]:
+    """Inverse of :func:`pack_sections`. Raises ProtocolError on a malformed layout."""
+    if not frames:
+        raise ProtocolError("missing section index")
+    counts = array("I")
+    try:
+        counts.frombytes(frames[0])
+    except ValueError:
+        raise ProtocolError("bad section index") from None
+    if sum(counts) != len(frames) - 1:
+        raise ProtocolError(f"section index says {sum(counts)} frames, got {len(frames) - 1}")
+    out: list[Sequence[Frame]] = []
+    at = 1
+    for n in counts:
+        out.append(frames[at:at + n])
+        at += n
+    return out
+
+
+def key_bytes(key: str) -> bytes:
+    """Encode a key or channel name for the wire (any ``str``, lone surrogates included)."""
+    return key.encode("utf-8", "surrogatepass")
+
+
+def key_str(frame: Frame) -> str:
+    try:
+        return bytes(frame).decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        raise ProtocolError("key is not valid UTF-8") from None
+
+
+_TOPIC_LEN = struct.Struct("<H")
+_SEQ = struct.Struct("<Q")
+
+
+def make_probe(topics: Sequence[bytes]) -> bytes:
+    """A one-off probe topic listing ``topics``: ``w`` + 8 random bytes + (u16 length, topic)*.
+    The owner answers it with a welcome (see :mod:`zkv.pubsub`)."""
+    return b"w" + os.urandom(8) + b"".join(_TOPIC_LEN.pack(len(t)) + t for t in topics)
+
+
+def probe_topics(probe: bytes) -> list[bytes]:
+    """The topics listed in a probe."""
+    topics = []
+    at = 9
+    while at + 2 <= len(probe):
+        (n,) = _TOPIC_LEN.unpack_from(probe, at)
+        at += 2
+        topics.append(probe[at:at + n])
+        at += n
+    return topics
+
+
+def pack_welcome(snapshot: dict[bytes, int]) -> bytes:
+    """The welcome payload: (u16 length, topic, u64 last sequence number)*."""
+    return b"".join(_TOPIC_LEN.pack(len(t)) + t + _SEQ.pack(s) for t, s in snapshot.items())
+
+
+def parse_welcome(payload: bytes) -> dict[bytes, int]:
+    """Inverse of :func:`pack_welcome`."""
+    out: dict[bytes, int] = {}
+    at = 0
+    while at + 2 <= len(payload):
+        (n,) = _TOPIC_LEN.unpack_from(payload, at)
+        at += 2
+        topic = payload[at:at + n]
+        at += n
+        (seq,) = _SEQ.unpack_from(payload, at)
+        at += 8
+        out[topic] = seq
+    return out
+
+
+def encode_json(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def decode_json(frame: Frame) -> Any:
+    try:
+        return json.loads(bytes(frame))
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("bad JSON frame") from None
+
+
+def encode_error(exc: BaseException) -> list[Frame]:
+    """An exception raised while serving a request, as reply frames: the pickled exception
+    (when it can be pickled) and its formatted traceback."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        import cloudpickle
+
+        blob = cloudpickle.dumps(exc, 5)
+        pickle.loads(blob)  # an exception that cannot be rebuilt is sent as text only
+    except Exception:
+        blob = b""
+    return [blob, f"{type(exc).__qualname__}: {exc}".encode(), text.encode()]
+
+
+class _RemoteTraceback(Exception):
+    def __init__(self, tb: str) -> None:
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def decode_error(frames: Sequence[Frame]) -> BaseException:
+    """Rebuild the exception carried by an error reply, with the owner's traceback as its
+    ``__cause__``."""
+    if len(frames) != 3:
+        return ProtocolError(f"malformed error reply ({len(frames)} frames)")
+    blob, summary, text = (bytes(f) for f in frames)
+    exc: BaseException | None = None
+    if blob:
+        try:
+            exc = pickle.loads(blob)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(f"{summary.decode(errors='replace')}\n\n"
+                          f"Owner traceback:\n{text.decode(errors='replace')}")
+        return exc
+    exc.__cause__ = _RemoteTraceback(f'\n"""\nOwner traceback:\n{text.decode(errors="replace")}"""')
+    return exc
