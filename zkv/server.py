@@ -167,13 +167,13 @@ class Server:
 
     def post(self, item: tuple[Any, ...]) -> None:
         """Queue work for the poller thread: ``("pub", channel_bytes, frames)``,
-        ``("chg", kind, key, entry)`` or ``("reply", routing_id, frames)``."""
+        ``("chg", kind, key, entry, version)`` or ``("reply", routing_id, frames)``."""
         self._outbox.append(item)
         if threading.get_ident() != self._thread_id:
             self._waker.wake()
 
-    def _on_change(self, kind: int, key: str, entry: Entry | None) -> None:
-        self.post(("chg", kind, key, entry))
+    def _on_change(self, kind: int, key: str, entry: Entry | None, version: int) -> None:
+        self.post(("chg", kind, key, entry, version))
 
     # -- the poller thread -----------------------------------------------------------------------
 
@@ -318,22 +318,22 @@ class Server:
             item = outbox.popleft()
             what = item[0]
             if what == "pub":
-                self._fan_out(b"c" + item[1] + b"\0", Kind.MESSAGE, item[2])
+                self._fan_out(b"c" + item[1] + b"\0", Kind.MESSAGE, item[2], self.state.version)
             elif what == "chg":
-                self._change_event(item[1], item[2], item[3])
+                self._change_event(item[1], item[2], item[3], item[4])
             elif what == "reply":
                 try:
                     self._router.send_multipart(item[1], copy=False)
                 except zmq.ZMQError:
                     pass
 
-    def _fan_out(self, topic: bytes, kind: int, frames: Sequence[Frame]) -> None:
+    def _fan_out(self, topic: bytes, kind: int, frames: Sequence[Frame], version: int) -> None:
         seq = self._seqs.get(topic, 0) + 1
         self._seqs[topic] = seq
-        self._xpub.send_multipart(
-            [topic, wire.pack_meta(seq, self.state.version, kind), *frames], copy=False)
+        self._xpub.send_multipart([topic, wire.pack_meta(seq, version, kind), *frames],
+                                  copy=False)
 
-    def _change_event(self, kind: int, key: str, entry: Entry | None) -> None:
+    def _change_event(self, kind: int, key: str, entry: Entry | None, version: int) -> None:
         topic = b"k" + wire.key_bytes(key) + b"\0"
         if not any(topic.startswith(t) for t in self._watch_topics):
             return
@@ -343,7 +343,7 @@ class Server:
                 frames = entry.wire()
             except EncodeError:
                 frames = []
-        self._fan_out(topic, Kind.DELETE if kind == DELETE else Kind.SET, frames)
+        self._fan_out(topic, Kind.DELETE if kind == DELETE else Kind.SET, frames, version)
 
     # -- sessions --------------------------------------------------------------------------------
 

@@ -111,14 +111,14 @@ class Entry:
         return frames
 
 
-ChangeHook = Callable[[int, str, "Entry | None"], None]
+ChangeHook = Callable[[int, str, "Entry | None", int], None]
 
 
 class State:
     """The key-value data of one owner, with its atomic operations.
 
     Set :attr:`on_change` to be called (under the lock, in the order changes are applied)
-    with ``(kind, key, entry_or_None)`` after every change.
+    with ``(kind, key, entry_or_None, version)`` after every change.
     """
 
     def __init__(self) -> None:
@@ -135,7 +135,7 @@ class State:
         self.data[key] = entry
         hook = self.on_change
         if hook is not None:
-            hook(SET, key, entry)
+            hook(SET, key, entry, self.version)
 
     def _remove(self, key: str) -> Entry | None:
         entry = self.data.pop(key, None)
@@ -143,7 +143,7 @@ class State:
             self.version += 1
             hook = self.on_change
             if hook is not None:
-                hook(DELETE, key, None)
+                hook(DELETE, key, None, self.version)
         return entry
 
     def put(self, key: str, entry: Entry) -> None:

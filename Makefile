@@ -1,0 +1,41 @@
+# Every target works on a fresh clone with only python3, pip and make.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dev
+
+.PHONY: install demo test bench bench-quick lint docs soak clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install zkv with its test tools
+
+demo: $(STAMP)  ## a worker pool sharing one store
+	$(BIN)/python examples/pool_demo.py
+
+test: $(STAMP)  ## the whole test suite (every test has a timeout)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)  ## zkv side by side with Manager, Pipe, bare pyzmq and Redis
+	$(BIN)/python -m pip install --quiet -e '.[dev,plot]'
+	$(BIN)/python -m zkv bench --json bench-results.json --plot docs/benchmarks.png
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m zkv bench --quick
+
+lint: $(STAMP)
+	$(BIN)/ruff check zkv tests examples
+	$(BIN)/mypy
+
+docs: $(STAMP)  ## regenerate docs/api.md from the docstrings
+	$(BIN)/python docs/gen_api.py
+
+soak: $(STAMP)  ## 10 minutes of mixed load; memory, fds and threads must stay flat
+	$(BIN)/python examples/soak.py --minutes 10
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info
