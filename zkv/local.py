@@ -157,5 +157,8 @@ class LocalCore:
     def owner_alive(self) -> bool:
         return True
 
+    def stats(self) -> dict[str, int]:
+        return self.server.stats()
+
     def close(self) -> None:
         self.server.close()

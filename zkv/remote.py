@@ -236,5 +236,10 @@ class RemoteCore:
     def publish(self, channel: str, data: Any) -> None:
         self.conn.send(Op.PUBLISH, [wire.key_bytes(channel), *codec.dumps(data)])
 
+    def stats(self) -> dict[str, int]:
+        def decode(status: int, frames: list[Any]) -> dict[str, int]:
+            return wire.decode_json(frames[0])  # type: ignore[no-any-return]
+        return self._call((Op.STATS, [], decode))  # type: ignore[no-any-return]
+
     def close(self) -> None:
         self.conn.close()

@@ -141,6 +141,7 @@ class Server:
             Op.PUBLISH: self._publish,
             Op.PING: self._ping,
             Op.BYE: self._bye,
+            Op.STATS: self._stats,
         }
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -535,6 +536,22 @@ class Server:
         if info is not None:
             info.last_seen = time.monotonic()
         return Status.OK, []
+
+    def stats(self) -> dict[str, int]:
+        """Counters that show what the owner holds on to (see :meth:`zkv.Store.stats`)."""
+        return {
+            "keys": len(self.state.data),
+            "version": self.state.version,
+            "sessions": len(self._sessions),
+            "subscriptions": sum(self._subscriptions.values()),
+            "topics": len(self._subscriptions),
+            "locks": len(self.locks.sessions()),
+            "refused": self.refused,
+            "pid": os.getpid(),
+        }
+
+    def _stats(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        return Status.OK, [wire.encode_json(self.stats())]
 
     def _bye(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         self._end_session(session)

@@ -377,6 +377,13 @@ class Store(MutableMapping[str, Any]):
                                               alive=core.owner_alive)
             return self._dispatcher
 
+    def stats(self) -> dict[str, int]:
+        """The owner's counters: ``keys``, ``version`` (changes applied so far), ``sessions``
+        (connected client processes), ``subscriptions`` and ``topics`` (live subscriptions, all
+        processes), ``locks`` (sessions holding or waiting for locks), ``refused`` (malformed
+        messages dropped) and the owner's ``pid``."""
+        return self._core.stats()  # type: ignore[no-any-return]
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     def close(self) -> None:

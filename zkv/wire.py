@@ -89,7 +89,7 @@ class Op(enum.IntEnum):
     PUBLISH = 18  # one-way: no reply
     PING = 19
     BYE = 20  # one-way: the session is closing
-    GET_VERSIONED = 21
+    STATS = 21
 
 
 class Status(enum.IntEnum):

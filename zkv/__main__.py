@@ -1,0 +1,7 @@
+"""``python -m zkv`` is the ``zkv`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
