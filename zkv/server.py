@@ -45,6 +45,7 @@ OWNER_SESSION = b"\0" * 8
 _LARGE = 64 * 1024
 _BATCH = 256  # requests handled per poll wake-up before looking at the other sockets
 _LIVENESS_PERIOD = 0.2  # seconds between checks that lock-holding clients are alive
+_SWEEP_EVERY = 25  # ticks between checks of every client session
 
 Reply = tuple[int, list[Frame]] | None
 Handler = Callable[[bytes, bytes, int, list[Any]], Reply]
@@ -114,6 +115,7 @@ class Server:
         self._thread = threading.Thread(target=self._run, name="zkv-owner", daemon=True)
         self._thread_id: int | None = None
         self._sessions: dict[bytes, _Session] = {}
+        self._ticks = 0
         self._subscriptions: collections.Counter[bytes] = collections.Counter()
         self._watch_topics: list[bytes] = []
         self._seqs: dict[bytes, int] = {}
@@ -349,12 +351,18 @@ class Server:
     # -- sessions --------------------------------------------------------------------------------
 
     def _check_sessions(self) -> None:
-        for session in self.locks.sessions():
-            if session == OWNER_SESSION:
-                continue
+        """End the sessions of local client processes that died without saying BYE: at every
+        tick for those that hold or wait for locks, every few seconds for the others (so that
+        short-lived workers do not pile up)."""
+        self._ticks += 1
+        if self._ticks % _SWEEP_EVERY == 0:
+            suspects = list(self._sessions)
+        else:
+            suspects = [s for s in self.locks.sessions() if s != OWNER_SESSION]
+        for session in suspects:
             info = self._sessions.get(session)
             if info is not None and info.local and not endpoint.pid_alive(info.pid):
-                log.info("zkv client pid %d died; releasing its locks", info.pid)
+                log.info("zkv client pid %d is gone; ending its session", info.pid)
                 self._end_session(session)
 
     def _end_session(self, session: bytes) -> None:
