@@ -254,7 +254,7 @@ class Server:
         args = [f.bytes if len(f) < _LARGE else f for f in frames[2:]]
         try:
             result = handler(session, routing_id, rid, args)
-        except Exception as exc:
+        except BaseException as exc:  # user code run here (modify, unpickling) may raise anything
             if isinstance(exc, ProtocolError):
                 self._refuse(f"{Op(op).name}: {exc}")
             result = (Status.ERROR, wire.encode_error(exc))
@@ -428,7 +428,7 @@ class Server:
                 else:
                     try:
                         result = handler(session, routing_id, rid, sub)
-                    except Exception as exc:
+                    except BaseException as exc:  # as in _handle
                         result = (Status.ERROR, wire.encode_error(exc))
                 assert result is not None
                 out_index.append(result[0])
