@@ -129,6 +129,7 @@ class Connection:
         sock.setsockopt(zmq.LINGER, int(self.options.linger * 1000))
         sock.setsockopt(zmq.SNDHWM, 1000)
         sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        sock.setsockopt(zmq.RCVTIMEO, int(_SLICE * 1000))
         sock.connect(self.address)
         return sock
 
@@ -187,24 +188,27 @@ class Connection:
                   deadline: float, timeout: float) -> tuple[int, list[Any], int, int]:
         self._send(sock, [wire.pack_header(rid, op), *frames], deadline)
         while True:
-            remaining = deadline - time.monotonic()
-            wait = _SLICE if remaining > _SLICE else max(remaining, 0.0)
-            if sock.poll(int(wait * 1000), zmq.POLLIN):
-                reply = sock.recv_multipart(copy=False)
-                try:
-                    got, status, before, after = wire.unpack_reply(reply[0].bytes)
-                except ProtocolError:
-                    log.warning("dropped a malformed reply")
-                    continue
-                if got != rid:
-                    continue  # the late reply of a request that timed out
-                return (status, [f.bytes if len(f) < _LARGE else f for f in reply[1:]],
-                        before, after)
-            self._check_owner()
-            if remaining <= 0:
-                raise ZkvTimeoutError(
-                    f"no reply from the zkv owner within {timeout}s ({Op(op).name}); "
-                    "the timeout is settable per store (timeout=...) or with ZKV_TIMEOUT")
+            try:
+                # Blocks at most _SLICE (the socket's RCVTIMEO). copy=True costs nothing more:
+                # every value is copied once when it is unpickled anyway.
+                reply = sock.recv_multipart()
+            except zmq.Again:
+                self._check_owner()
+                if time.monotonic() >= deadline:
+                    raise ZkvTimeoutError(
+                        f"no reply from the zkv owner within {timeout}s ({Op(op).name}); "
+                        "the timeout is settable per store (timeout=...) or with ZKV_TIMEOUT"
+                    ) from None
+                continue
+            try:
+                got, status, before, after = wire.unpack_reply(reply[0])
+            except ProtocolError:
+                log.warning("dropped a malformed reply")
+                continue
+            if got != rid:
+                continue  # the late reply of a request that timed out
+            del reply[0]
+            return status, reply, before, after
 
     def send(self, op: int, frames: Sequence[Frame]) -> None:
         """Send a one-way message (no reply). Blocks, up to the timeout, only while the owner
