@@ -540,7 +540,7 @@ def store() -> Store:
     with _GLOBAL_LOCK:
         if _GLOBAL is not None and not _GLOBAL.closed:
             return _GLOBAL
-        address = os.environ.get(_endpoint.ENV_VAR) or _endpoint.find_ancestor_owner()
+        address = _endpoint.discover()
         if address:
             made = connect(address)
         elif multiprocessing.parent_process() is not None:
@@ -592,7 +592,7 @@ def connect(endpoint: str | None = None, **options: Any) -> Store:
     ancestors. Raises :class:`~zkv.NoOwnerError` if there is no owner to join.
     """
     opts = Options.from_env(options)
-    address = endpoint or os.environ.get(_endpoint.ENV_VAR) or _endpoint.find_ancestor_owner()
+    address = endpoint or _endpoint.discover()
     if not address:
         raise NoOwnerError(f"no zkv endpoint given, {_endpoint.ENV_VAR} is not set and no "
                            "ancestor process owns a store")
