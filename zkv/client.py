@@ -153,6 +153,13 @@ class Connection:
         ``timeout`` defaults to the store's; ``float("inf")`` waits as long as the owner lives.
         Raises ZkvTimeoutError, OwnerGoneError, MessageTooLargeError or StoreClosedError.
         """
+        status, reply, _before, _after = self.request_versioned(op, frames, timeout)
+        return status, reply
+
+    def request_versioned(self, op: int, frames: Sequence[Frame], timeout: float | None = None
+                          ) -> tuple[int, list[Any], int, int]:
+        """Like :meth:`request`, also returning the store's change counter just before and
+        just after the owner applied the request (see :mod:`zkv.wire`)."""
         if self._lost:
             raise OwnerGoneError(f"the zkv owner at {self.address} is gone")
         sock = self._socket()
@@ -170,7 +177,7 @@ class Connection:
             self._busy.discard(me)
 
     def _exchange(self, sock: zmq.Socket[Any], rid: int, op: int, frames: Sequence[Frame],
-                  deadline: float, timeout: float) -> tuple[int, list[Any]]:
+                  deadline: float, timeout: float) -> tuple[int, list[Any], int, int]:
         self._send(sock, [wire.pack_header(rid, op), *frames], deadline)
         while True:
             remaining = deadline - time.monotonic()
@@ -178,13 +185,14 @@ class Connection:
             if sock.poll(int(wait * 1000), zmq.POLLIN):
                 reply = sock.recv_multipart(copy=False)
                 try:
-                    got, status = wire.unpack_header(reply[0].bytes)
+                    got, status, before, after = wire.unpack_reply(reply[0].bytes)
                 except ProtocolError:
                     log.warning("dropped a malformed reply")
                     continue
                 if got != rid:
                     continue  # the late reply of a request that timed out
-                return status, [f.bytes if len(f) < _LARGE else f for f in reply[1:]]
+                return (status, [f.bytes if len(f) < _LARGE else f for f in reply[1:]],
+                        before, after)
             self._check_owner()
             if remaining <= 0:
                 raise ZkvTimeoutError(

@@ -118,6 +118,7 @@ class Server:
         self._ticks = 0
         self._subscriptions: collections.Counter[bytes] = collections.Counter()
         self._watch_topics: list[bytes] = []
+        self._cache_topics: list[tuple[bytes, bytes]] = []
         self._seqs: dict[bytes, int] = {}
         self.refused = 0
         self._hostname = socket.gethostname()
@@ -246,10 +247,11 @@ class Server:
             return
         handler = self._handlers.get(op)
         session = routing_id[:8]
+        before = self.state.version
         if handler is None:
             self._refuse(f"unknown operation {op}")
             self._reply(routing_id, rid, Status.ERROR,
-                        wire.encode_error(ProtocolError(f"unknown operation {op}")))
+                        wire.encode_error(ProtocolError(f"unknown operation {op}")), before)
             return
         args = [f.bytes if len(f) < _LARGE else f for f in frames[2:]]
         try:
@@ -259,12 +261,13 @@ class Server:
                 self._refuse(f"{Op(op).name}: {exc}")
             result = (Status.ERROR, wire.encode_error(exc))
         if result is not None:
-            self._reply(routing_id, rid, result[0], result[1])
+            self._reply(routing_id, rid, result[0], result[1], before)
 
-    def _reply(self, routing_id: bytes, rid: int, status: int, out: list[Frame]) -> None:
+    def _reply(self, routing_id: bytes, rid: int, status: int, out: list[Frame],
+               before: int) -> None:
+        header = wire.pack_reply(rid, status, before, self.state.version)
         try:
-            self._router.send_multipart([routing_id, wire.pack_header(rid, status), *out],
-                                        copy=False)
+            self._router.send_multipart([routing_id, header, *out], copy=False)
         except zmq.ZMQError as exc:  # peer gone: its request dies with it
             log.debug("reply to %r dropped: %s", routing_id, exc)
 
@@ -296,7 +299,9 @@ class Server:
 
     def _update_watch_hook(self) -> None:
         self._watch_topics = [t for t in self._subscriptions if t[:1] == b"k"]
-        hook = self._on_change if self._watch_topics else None
+        self._cache_topics = [(t[1:-1], t) for t in self._subscriptions
+                              if t[:1] == b"i" and t.endswith(b"\0")]
+        hook = self._on_change if self._watch_topics or self._cache_topics else None
         if self.state.on_change is not hook:
             with self.state.lock:
                 self.state.on_change = hook
@@ -337,7 +342,11 @@ class Server:
                                   copy=False)
 
     def _change_event(self, kind: int, key: str, entry: Entry | None, version: int) -> None:
-        topic = b"k" + wire.key_bytes(key) + b"\0"
+        name = wire.key_bytes(key)
+        for prefix, cache_topic in self._cache_topics:
+            if name.startswith(prefix):
+                self._fan_out(cache_topic, Kind.INVALIDATE, [name], version)
+        topic = b"k" + name + b"\0"
         if not any(topic.startswith(t) for t in self._watch_topics):
             return
         frames: list[Frame] = []
@@ -519,7 +528,8 @@ class Server:
 
         def grant(granted: bool) -> None:
             status = Status.OK if granted else Status.NONE
-            self.post(("reply", [routing_id, wire.pack_header(rid, status)]))
+            version = self.state.version
+            self.post(("reply", [routing_id, wire.pack_reply(rid, status, version, version)]))
 
         got = self.locks.acquire(name, session, token, deadline, grant)
         if got is None:

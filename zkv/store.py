@@ -296,6 +296,25 @@ class Store(MutableMapping[str, Any]):
         :class:`~zkv.OwnerGoneError` if the owner dies). Released when its holder dies."""
         return Lock(_LockBackend(self), name, timeout)
 
+    def enable_cache(self, prefix: str = "", max_entries: int = 100_000) -> None:
+        """Serve repeated :meth:`get` of keys starting with ``prefix`` ("" = every key) from
+        this process's memory, kept fresh by the owner's invalidations. A write made by this
+        process is always seen by its next read; a write made elsewhere is seen once its
+        invalidation arrives (a fraction of a millisecond; see docs/benchmarks.md). At most
+        ``max_entries`` values are kept. In the owner this does nothing: its reads are local
+        already."""
+        if type(prefix) is not str:
+            raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries must be a positive int, not {max_entries!r}")
+        if not self.is_owner:
+            self._core.enable_cache(prefix, max_entries)
+
+    def disable_cache(self, prefix: str | None = None) -> None:
+        """Stop caching keys under ``prefix`` (every prefix if None)."""
+        if not self.is_owner:
+            self._core.disable_cache(prefix)
+
     def pipeline(self) -> Pipeline:
         """Queue many operations and send them in one round trip (see :class:`Pipeline`)."""
         return Pipeline(self)

@@ -6,7 +6,11 @@ Request (client DEALER -> owner ROUTER)::
 
 Reply (owner ROUTER -> client DEALER)::
 
-    [header: rid u32, status u8] [result frames ...]
+    [header: rid u32, status u8, before u64, after u64] [result frames ...]
+
+``before``/``after`` are the store's change counter just before and just after the request was
+applied: a value read by the request reflects every change numbered up to ``before``, and a
+change made by it is numbered at most ``after`` (the client-side read cache relies on both).
 
 ``rid`` is chosen by the client per request so that a late reply to a request that timed out is
 recognised and dropped. A value is the list of frames made by :mod:`zkv.codec`. When a message
@@ -18,7 +22,8 @@ Published message (owner XPUB -> SUB)::
     [topic] [meta: seq u64, version u64, kind u8] [value frames ...]
 
 Topics: ``c<channel>\\0`` for channel messages (``c<prefix>`` for a prefix subscription),
-``k<key>\\0`` for change events of a key, ``w<token>`` for the welcome that makes a
+``k<key>\\0`` for change events of a key, ``i<prefix>\\0`` for cache invalidations of keys
+starting with ``prefix`` (one frame: the key), ``w<token>`` for the welcome that makes a
 subscription live. ``seq`` counts messages per topic, so a subscriber sees its losses as gaps.
 """
 
@@ -46,6 +51,8 @@ __all__ = [
     "decode_json",
     "pack_header",
     "pack_meta",
+    "pack_reply",
+    "unpack_reply",
     "pack_sections",
     "unpack_header",
     "unpack_meta",
@@ -62,6 +69,7 @@ __all__ = [
 PROTOCOL_VERSION = 1
 
 _HEADER = struct.Struct("<IB")
+_REPLY = struct.Struct("<IBQQ")
 _META = struct.Struct("<QQB")
 
 
@@ -107,6 +115,7 @@ class Kind(enum.IntEnum):
     SET = 1
     DELETE = 2
     WELCOME = 3
+    INVALIDATE = 4
 
 
 def pack_header(rid: int, code: int) -> bytes:
@@ -118,6 +127,17 @@ def unpack_header(frame: Frame) -> tuple[int, int]:
         return _HEADER.unpack(frame)  # type: ignore[return-value]
     except struct.error:
         raise ProtocolError(f"bad header frame of {len(frame)} bytes") from None
+
+
+def pack_reply(rid: int, status: int, before: int, after: int) -> bytes:
+    return _REPLY.pack(rid, status, before, after)
+
+
+def unpack_reply(frame: Frame) -> tuple[int, int, int, int]:
+    try:
+        return _REPLY.unpack(frame)  # type: ignore[return-value]
+    except struct.error:
+        raise ProtocolError(f"bad reply header of {len(frame)} bytes") from None
 
 
 def pack_meta(seq: int, version: int, kind: int) -> bytes:
