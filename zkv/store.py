@@ -474,7 +474,8 @@ class Pipeline:
         p.results  # [None, 1, 1]
 
     :meth:`execute` sends them and returns the results (also kept in :attr:`results`). Every
-    queued operation runs; if any raised, the first exception is raised after all of them.
+    queued operation runs; if any raised, the first exception is raised after all of them, and
+    :attr:`results` holds the exception in place of each failed operation's result.
     """
 
     def __init__(self, store: Store) -> None:
@@ -525,7 +526,8 @@ class Pipeline:
     def execute(self) -> list[Any]:
         """Send the queued operations; return their results in order."""
         calls, self._calls = self._calls, []
-        self.results = self._store._core.execute(calls)
+        self.results = []
+        self._store._core.execute(calls, self.results)
         return self.results
 
     def __enter__(self) -> Pipeline:
