@@ -236,6 +236,26 @@ class TestBadValues:
         finally:
             client.close()
 
+    def test_client_functions_that_make_unpicklable_values(self, kv: zkv.Store) -> None:
+        """modify/transact run a client's function in the owner; if what it makes cannot
+        travel back to that client, the client gets EncodeError and nothing changes."""
+        kv.set_many({"k": 1, "other": "kept"})
+        version = kv.stats()["version"]
+        client = zkv.connect(kv.endpoint)
+        try:
+            with pytest.raises(zkv.EncodeError, match="_thread.lock"):
+                client.modify("k", lambda old: threading.Lock())
+            with pytest.raises(zkv.EncodeError, match="_thread.lock"):
+                client.transact(lambda m: m.update(k=2, new=threading.Lock()))
+            with pytest.raises(zkv.EncodeError, match="generator"):
+                client.transact(lambda m: (m.update(k=3), (i for i in "ab"))[1])
+            with pytest.raises(zkv.EncodeError, match="TransactionView"):
+                client.transact(lambda m: m.setdefault("k2", 0) or m)
+            assert kv.get_all() == {"k": 1, "other": "kept"}
+            assert kv.stats()["version"] == version  # no change was applied
+        finally:
+            client.close()
+
     def test_value_that_cannot_be_unpickled_where_read(self, kv: zkv.Store) -> None:
         client = zkv.connect(kv.endpoint)
         try:
