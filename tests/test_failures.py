@@ -203,7 +203,7 @@ class TestBadValues:
     def test_unpicklable_set_in_client_names_type(self, kv: zkv.Store) -> None:
         client = zkv.connect(kv.endpoint)
         try:
-            with pytest.raises(zkv.EncodeError, match="_thread.lock"):
+            with pytest.raises(zkv.EncodeError, match=r"_thread\.lock"):
                 client.set("bad", {"nested": [threading.Lock()]})
             assert "bad" not in kv
             with pytest.raises(zkv.EncodeError, match="generator"):
@@ -243,9 +243,9 @@ class TestBadValues:
         version = kv.stats()["version"]
         client = zkv.connect(kv.endpoint)
         try:
-            with pytest.raises(zkv.EncodeError, match="_thread.lock"):
+            with pytest.raises(zkv.EncodeError, match=r"_thread\.lock"):
                 client.modify("k", lambda old: threading.Lock())
-            with pytest.raises(zkv.EncodeError, match="_thread.lock"):
+            with pytest.raises(zkv.EncodeError, match=r"_thread\.lock"):
                 client.transact(lambda m: m.update(k=2, new=threading.Lock()))
             with pytest.raises(zkv.EncodeError, match="generator"):
                 client.transact(lambda m: (m.update(k=3), (i for i in "ab"))[1])

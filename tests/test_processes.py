@@ -40,8 +40,12 @@ def _incr_many(times: int) -> int:
 def _append_with_closure(worker: int, times: int) -> None:
     kv = zkv.store()
     for i in range(times):
-        item = (worker, i)
-        kv.modify("log", lambda old: [*old, item], default=[])  # closes over `item`
+        kv.modify("log", _appender((worker, i)), default=[])
+
+
+def _appender(item: tuple[int, int]) -> Any:
+    """A closure over ``item`` (travels to the owner with cloudpickle)."""
+    return lambda old: [*old, item]
 
 
 def _pool_task(n: int) -> int:
@@ -242,6 +246,17 @@ class TestForkSafety:
         kv.set("still", "owner")
         assert kv["still"] == "owner"
 
+    def test_module_level_store(self, tmp_path: Path) -> None:
+        """A store made at module level of the main script works in fork and spawn pool
+        workers, and in the parent after they exit."""
+        script = tmp_path / "module_level.py"
+        script.write_text(textwrap.dedent(MODULE_LEVEL_STORE))
+        env = {k: v for k, v in os.environ.items() if k != "ZKV_ENDPOINT"}
+        done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "ok"
+
 
 class TestThreads:
     """Many threads of one process call the store at once; replies never cross."""
@@ -289,17 +304,41 @@ if __name__ == "__main__":
 """
 
 
-def _try_store() -> str:
+MODULE_LEVEL_STORE = """
+import multiprocessing as mp, os, sys
+import zkv
+
+kv = zkv.store()   # at module level: the owner in the main process; re-run in spawn children
+
+def work(n):
+    kv.incr("hits")          # the module-level object, no set-up in the worker
+    return kv.is_owner, os.getpid()
+
+if __name__ == "__main__":
+    for method in ("fork", "spawn"):
+        with mp.get_context(method).Pool(2) as pool:
+            results = pool.map(work, range(10))
+        assert not any(owner for owner, _ in results), results
+        assert os.getpid() not in {pid for _, pid in results}
+    assert kv.is_owner and kv["hits"] == 20, kv.get("hits")
+    kv["after"] = "still working"
+    assert kv["after"] == "still working"
+    print("ok")
+"""
+
+
+def _try_store() -> tuple[str, list[str]]:
+    """Returns the error message, and the socket directories this child made (none)."""
     try:
         zkv.store()
     except zkv.NoOwnerError as exc:
         assert isinstance(exc, ConnectionError)
-        return str(exc)
-    return "no error: the child made or found a store"
-
-
-def _runtime_entries() -> set[str]:
-    return {p.name for p in zkv.endpoint.runtime_dir().iterdir()}
+        message = str(exc)
+    else:
+        message = "no error: the child made or found a store"
+    mine = [p.name for p in zkv.endpoint.runtime_dir().iterdir()
+            if p.name.startswith(f"{os.getpid()}-")]
+    return message, mine
 
 
 class TestDiscovery:
@@ -328,7 +367,6 @@ class TestDiscovery:
 
     def test_orphan_child_raises_no_owner(self, mp_context: mp.context.BaseContext) -> None:
         assert "ZKV_ENDPOINT" not in os.environ
-        before = _runtime_entries()
-        message = call_in_child(mp_context, _try_store)
+        message, made = call_in_child(mp_context, _try_store)
         assert "zkv.connect" in message and "ZKV_ENDPOINT" in message, message
-        assert _runtime_entries() <= before  # the child bound no sockets of its own
+        assert made == []  # the child bound no sockets of its own
