@@ -1,32 +1,38 @@
 """The opt-in client-side read cache (:meth:`zkv.Store.enable_cache`).
 
 Repeated ``get`` of a key under a cached prefix is served from this process's memory. The
-owner invalidates: for every change of a key under a prefix some client caches, it publishes an
-invalidation (the key and the change's number) on the topic ``i<prefix>\\0``; a thread here
-drops the cached values they make stale: a reading thread drains the queued invalidations
-before it serves a value, at most every ``DRAIN_INTERVAL`` seconds (and always after a pause),
-so no extra thread is needed and a busy reader cannot starve the invalidations.
+owner invalidates: the process registers a dedicated DEALER socket for the prefixes it caches,
+and for every change of a key under one of them the owner pushes an invalidation (the key, the
+change's number, and a sequence number of that socket's invalidations) to it. A reading thread
+drains the pushed invalidations before it serves a value, at most every ``DRAIN_INTERVAL``
+seconds (and always after a pause), so no extra thread is needed and a busy reader cannot
+starve the invalidations.
 
-Why a reply can never leave a stale value behind:
+Why a value can never stay stale:
 
 - every reply says up to which change number it reflects the store (``before``, see
   :mod:`zkv.wire`), and every cached value remembers that number;
 - the cache keeps, per key, a *floor*: the highest change number it has seen for the key, from
   an invalidation or from this process's own write (a write's reply says ``after``);
 - a reply is cached only if its number is at least the key's floor, and an invalidation drops
-  a cached value only if the value is older than the change.
+  a cached value only if the value is older than the change. So whether a reply or the
+  invalidation that makes it stale arrives first, the older value loses, and a process always
+  reads its own writes (its write raises the floor before it returns);
+- invalidations that the owner had to drop (this process stopped reading and more than ``hwm``
+  piled up) are seen as a gap in the sequence, and the whole cache is dropped. A loss at the
+  *end* of a burst has no later message to reveal it, so a drain that finds a backlog that big
+  asks the owner where the sequence stands (``CACHE_SYNC``). That reply travels on the same
+  pipe as the invalidations, after them: if the sequence moved further than what arrived,
+  some were lost and the cache is dropped.
 
-So whether the reply or the invalidation arrives first, the older value loses; a process always
-reads its own writes (its write raises the floor before it returns); and if invalidations are
-lost (the subscriber fell behind its high-water mark; seen as a gap in their sequence numbers)
-the whole cache is dropped. The window in which another process's write is not yet visible here
-is the time an invalidation takes to arrive plus at most ``DRAIN_INTERVAL`` (measured by
-``zkv bench``).
+The window in which another process's write is not yet visible here is the time an
+invalidation takes to arrive plus at most ``DRAIN_INTERVAL`` (measured by ``zkv bench``).
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -36,12 +42,11 @@ import zmq
 
 from . import codec, wire
 from .codec import IMMUTABLE_TYPES
-from .errors import OwnerGoneError, ZkvTimeoutError
-from .pubsub import GapCounter, open_sub_socket
+from .errors import OwnerGoneError, ProtocolError, ZkvTimeoutError
 from .state import MISSING
-from .wire import Kind
+from .wire import Op, Status
 
-__all__ = ["NOHIT", "ReadCache"]
+__all__ = ["DRAIN_INTERVAL", "NOHIT", "ReadCache"]
 
 log = logging.getLogger("zkv.cache")
 
@@ -51,16 +56,20 @@ NOHIT: Any = object()
 #: A reading thread looks for invalidations at most this often (seconds).
 DRAIN_INTERVAL = 100e-6
 _ALIVE_INTERVAL = 0.1
+_RESEND = 0.25
+_SEQ = struct.Struct("<Q")
 
 
 class ReadCache:
     """Cached ``get`` results of one client process, kept fresh by the owner's invalidations.
 
-    Thread-safe. The SUB socket that receives invalidations is used under ``_sock_lock`` by
-    whichever thread drains it."""
+    Thread-safe. ``sock`` is a DEALER made for this cache (``Connection.open_socket``); it is
+    used under ``_sock_lock`` by whichever thread drains it, and closed by :meth:`close`."""
 
-    def __init__(self, ctx: zmq.Context[Any], address: str, *, hwm: int, timeout: float,
+    def __init__(self, sock: zmq.Socket[Any], *, hwm: int, timeout: float,
                  alive: Callable[[], bool], max_entries: int = 100_000) -> None:
+        self._sock = sock
+        self._hwm = hwm
         self._timeout = timeout
         self._alive = alive
         self.max_entries = max_entries
@@ -69,9 +78,9 @@ class ReadCache:
         self._global_floor = 0
         self._prefixes: list[str] = []
         self._mutex = threading.Lock()
-        self._gaps = GapCounter("zkv read cache", hwm)
-        self._sock = open_sub_socket(ctx, address, hwm)
         self._sock_lock = threading.Lock()
+        self._seq = 0
+        self._rid = 0
         self._next_drain = 0.0
         self._next_alive = 0.0
         self._closed = False
@@ -86,29 +95,9 @@ class ReadCache:
         """Cache keys starting with ``prefix``; returns once invalidations for them are live."""
         if prefix in self._prefixes:
             return
-        topic = b"i" + wire.key_bytes(prefix) + b"\0"
-        probe = wire.make_probe([topic])
-        deadline = time.monotonic() + self._timeout
         with self._sock_lock:
-            self._sock.setsockopt(zmq.SUBSCRIBE, topic)
-            self._sock.setsockopt(zmq.SUBSCRIBE, probe)
-            while True:
-                remaining = deadline - time.monotonic()
-                if self._sock.poll(int(max(0.0, min(remaining, 0.1)) * 1000)):
-                    frames = self._sock.recv_multipart()
-                    if frames[0] == probe:
-                        break
-                    self._on_message(frames)
-                    continue
-                if not self._alive():
-                    raise OwnerGoneError("the zkv owner is gone")
-                if remaining <= 0:
-                    self._sock.setsockopt(zmq.UNSUBSCRIBE, topic)
-                    self._sock.setsockopt(zmq.UNSUBSCRIBE, probe)
-                    raise ZkvTimeoutError("the zkv owner did not confirm the cache subscription")
-            self._sock.setsockopt(zmq.UNSUBSCRIBE, probe)
-            self._gaps.start(wire.parse_welcome(frames[2]) if len(frames) > 2 else {})
-            version = wire.unpack_meta(frames[1])[1]
+            seq, version = self._request(Op.CACHE_WATCH, [wire.key_bytes(prefix)])
+            self._check_seq(seq, version)
         with self._mutex:
             self._global_floor = max(self._global_floor, version)
             self._prefixes = [*self._prefixes, prefix]
@@ -120,10 +109,10 @@ class ReadCache:
         with self._mutex:
             self._prefixes = [p for p in self._prefixes if p not in gone]
             self._entries.clear()
-        with self._sock_lock:
-            if not self._closed:
-                for p in gone:
-                    self._sock.setsockopt(zmq.UNSUBSCRIBE, b"i" + wire.key_bytes(p) + b"\0")
+        if gone:
+            with self._sock_lock:
+                if not self._closed:
+                    self._request(Op.CACHE_UNWATCH, [wire.key_bytes(p) for p in gone])
 
     def covers(self, key: str) -> bool:
         for prefix in self._prefixes:
@@ -201,7 +190,15 @@ class ReadCache:
             self._floor.clear()
             self._entries.clear()
 
-    # -- invalidations ---------------------------------------------------------------------------
+    def _lost(self, version: int) -> None:
+        """Invalidations were lost: nothing cached can be trusted, nor any reply older than
+        ``version``."""
+        self.written(None, version)
+        self.flushes += 1
+        log.warning("zkv read cache lost invalidations (it fell more than hwm=%d behind); "
+                    "dropped the whole cache", self._hwm)
+
+    # -- the invalidation socket (callers hold _sock_lock) ---------------------------------------
 
     def _drain(self, now: float) -> None:
         if not self._sock_lock.acquire(blocking=False):
@@ -211,12 +208,19 @@ class ReadCache:
                 return
             self._next_drain = now + DRAIN_INTERVAL
             sock = self._sock
+            count = 0
             while True:
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 self._on_message(frames)
+                count += 1
+            if count >= self._hwm // 2:
+                # A backlog this big may have overflowed, losing invalidations at its end
+                # where no later one shows the gap: ask the owner where the sequence is.
+                seq, version = self._request(Op.CACHE_SYNC, [])
+                self._check_seq(seq, version)
             if now >= self._next_alive:
                 self._next_alive = now + _ALIVE_INTERVAL
                 if not self._alive():
@@ -226,26 +230,61 @@ class ReadCache:
         finally:
             self._sock_lock.release()
 
+    def _request(self, op: int, frames: list[bytes]) -> tuple[int, int]:
+        """Send a request on the invalidation socket; handle the invalidations queued before
+        its reply; return the reply's sequence number (0 if none) and ``after`` version.
+
+        The owner drops what it cannot queue to this socket, a reply included, while the
+        socket is full of invalidations; so the (idempotent) request is sent again every
+        ``_RESEND`` seconds until a reply comes, while the backlog is being read."""
+        deadline = time.monotonic() + self._timeout
+        resend = 0.0
+        rid = self._rid
+        while True:
+            now = time.monotonic()
+            if now >= resend:
+                self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
+                self._sock.send_multipart([wire.pack_header(rid, op), *frames])
+                resend = now + _RESEND
+            if self._sock.poll(10):
+                reply = self._sock.recv_multipart()
+                got, status, _before, after = wire.unpack_reply(reply[0])
+                if status == Status.INVALIDATE:
+                    self._on_message(reply)
+                    continue
+                if got != rid:
+                    continue
+                if status == Status.ERROR:
+                    raise wire.decode_error(reply[1:])
+                seq = _SEQ.unpack(reply[1])[0] if len(reply) > 1 else 0
+                return seq, after
+            if not self._alive():
+                self.dead = True
+                raise OwnerGoneError("the zkv owner is gone")
+            if time.monotonic() > deadline:
+                raise ZkvTimeoutError("the zkv owner did not answer the read cache")
+
+    def _check_seq(self, seq: int, version: int) -> None:
+        if seq > self._seq:
+            if self._seq or self._entries:
+                self._lost(version)
+            self._seq = seq
+
     def _on_message(self, frames: list[bytes]) -> None:
-        if len(frames) != 3:
-            return
-        topic = frames[0]
         try:
-            seq, version, kind = wire.unpack_meta(frames[1])
-        except Exception:
+            _rid, status, seq, version = wire.unpack_reply(frames[0])
+        except ProtocolError:
             return
-        if kind != Kind.INVALIDATE:
+        if status != Status.INVALIDATE or len(frames) != 2:
             return
-        lost_before = self._gaps.dropped
-        if not self._gaps.accept(topic, seq):
+        if seq <= self._seq:
             return
-        if self._gaps.dropped != lost_before:
-            # Invalidations were lost: nothing cached can be trusted, nor any reply older
-            # than this one.
-            self.written(None, version)
-            self.flushes += 1
+        gap = seq - self._seq - 1
+        self._seq = seq
+        if gap:
+            self._lost(version)
             return
-        self._invalidate(wire.key_str(frames[2]), version)
+        self._invalidate(wire.key_str(frames[1]), version)
 
     def close(self) -> None:
         with self._sock_lock:

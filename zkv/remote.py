@@ -76,7 +76,8 @@ class RemoteCore:
 
     def enable_cache(self, prefix: str, max_entries: int) -> None:
         if self._cache is None:
-            self._cache = ReadCache(self.context, self.pub_address, hwm=self.conn.hwm,
+            hwm = self.conn.hwm
+            self._cache = ReadCache(self.conn.open_socket(rcvhwm=hwm), hwm=hwm,
                                     timeout=self.options.timeout, alive=self.owner_alive,
                                     max_entries=max_entries)
         self._cache.max_entries = max_entries
@@ -199,7 +200,8 @@ class RemoteCore:
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         keys = list(keys)
         values = self.execute([("get", (key, MISSING)) for key in keys])
-        return {key: value for key, value in zip(keys, values) if value is not MISSING}
+        return {key: value for key, value in zip(keys, values, strict=True)
+                if value is not MISSING}
 
     def set_many(self, items: list[tuple[str, Any]]) -> None:
         self.execute([("set", item) for item in items])

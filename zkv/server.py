@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import threading
 import time
 from array import array
@@ -61,6 +62,17 @@ class _Session:
         self.last_seen = time.monotonic()
 
 
+class _Cacher:
+    """A client socket that caches reads: the key prefixes it caches and how many
+    invalidations it was sent."""
+
+    __slots__ = ("prefixes", "seq")
+
+    def __init__(self) -> None:
+        self.prefixes: list[bytes] = []
+        self.seq = 0
+
+
 class Server:
     """Binds the owner's sockets and runs its poller thread.
 
@@ -79,7 +91,10 @@ class Server:
         self._xpub = self._ctx.socket(zmq.XPUB)
         self._router.setsockopt(zmq.MAXMSGSIZE, options.max_message_size)
         self._router.setsockopt(zmq.RCVHWM, 0)
-        self._router.setsockopt(zmq.SNDHWM, 0)
+        # A peer that does not read (a caching client gone idle) loses messages past this,
+        # instead of making the owner buffer without bound; request sockets have at most one
+        # reply outstanding, so they never get near it.
+        self._router.setsockopt(zmq.SNDHWM, options.hwm)
         self._xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
         self._xpub.setsockopt(zmq.SNDHWM, options.hwm)
         self._xpub.setsockopt(zmq.LINGER, int(options.linger * 1000))
@@ -118,7 +133,7 @@ class Server:
         self._ticks = 0
         self._subscriptions: collections.Counter[bytes] = collections.Counter()
         self._watch_topics: list[bytes] = []
-        self._cache_topics: list[tuple[bytes, bytes]] = []
+        self._cachers: dict[bytes, _Cacher] = {}
         self._seqs: dict[bytes, int] = {}
         self.refused = 0
         self._hostname = socket.gethostname()
@@ -145,6 +160,9 @@ class Server:
             Op.PING: self._ping,
             Op.BYE: self._bye,
             Op.STATS: self._stats,
+            Op.CACHE_WATCH: self._cache_watch,
+            Op.CACHE_UNWATCH: self._cache_unwatch,
+            Op.CACHE_SYNC: self._cache_sync,
         }
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -299,9 +317,7 @@ class Server:
 
     def _update_watch_hook(self) -> None:
         self._watch_topics = [t for t in self._subscriptions if t[:1] == b"k"]
-        self._cache_topics = [(t[1:-1], t) for t in self._subscriptions
-                              if t[:1] == b"i" and t.endswith(b"\0")]
-        hook = self._on_change if self._watch_topics or self._cache_topics else None
+        hook = self._on_change if self._watch_topics or self._cachers else None
         if self.state.on_change is not hook:
             with self.state.lock:
                 self.state.on_change = hook
@@ -343,9 +359,14 @@ class Server:
 
     def _change_event(self, kind: int, key: str, entry: Entry | None, version: int) -> None:
         name = wire.key_bytes(key)
-        for prefix, cache_topic in self._cache_topics:
-            if name.startswith(prefix):
-                self._fan_out(cache_topic, Kind.INVALIDATE, [name], version)
+        for routing_id, cacher in self._cachers.items():
+            if any(name.startswith(p) for p in cacher.prefixes):
+                cacher.seq += 1  # counted even if dropped: the client sees the gap
+                header = wire.pack_reply(0, Status.INVALIDATE, cacher.seq, version)
+                try:
+                    self._router.send_multipart([routing_id, header, name], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
         topic = b"k" + name + b"\0"
         if not any(topic.startswith(t) for t in self._watch_topics):
             return
@@ -377,6 +398,9 @@ class Server:
     def _end_session(self, session: bytes) -> None:
         self._sessions.pop(session, None)
         self.locks.drop_session(session)
+        for routing_id in [r for r in self._cachers if r.startswith(session)]:
+            del self._cachers[routing_id]
+        self._update_watch_hook()
 
     # -- request handlers: (session, routing_id, rid, args) -> (status, frames) or None ----------
 
@@ -574,12 +598,39 @@ class Server:
     def _stats(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         return Status.OK, [wire.encode_json(self.stats())]
 
+    def _cache_watch(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]
+                     ) -> Reply:
+        if session not in self._sessions:
+            raise ProtocolError("CACHE_WATCH from a session that did not say HELLO")
+        cacher = self._cachers.setdefault(routing_id, _Cacher())
+        cacher.prefixes.extend(bytes(a) for a in args if bytes(a) not in cacher.prefixes)
+        self._update_watch_hook()
+        return Status.OK, [_SEQ.pack(cacher.seq)]
+
+    def _cache_unwatch(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]
+                       ) -> Reply:
+        cacher = self._cachers.get(routing_id)
+        if cacher is not None:
+            gone = {bytes(a) for a in args}
+            cacher.prefixes = [p for p in cacher.prefixes if args and p not in gone]
+            if not cacher.prefixes:
+                del self._cachers[routing_id]
+            self._update_watch_hook()
+        return Status.OK, []
+
+    def _cache_sync(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]
+                    ) -> Reply:
+        cacher = self._cachers.get(routing_id)
+        return Status.OK, [_SEQ.pack(0 if cacher is None else cacher.seq)]
+
     def _bye(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         self._end_session(session)
         return None
 
 
-_NOT_PIPELINED = frozenset({Op.HELLO, Op.PIPELINE, Op.LOCK, Op.PUBLISH, Op.BYE})
+_NOT_PIPELINED = frozenset({Op.HELLO, Op.PIPELINE, Op.LOCK, Op.PUBLISH, Op.BYE,
+                            Op.CACHE_WATCH, Op.CACHE_UNWATCH, Op.CACHE_SYNC})
+_SEQ = struct.Struct("<Q")
 
 
 def _sections(args: list[Any], count: int, what: str) -> list[Sequence[Frame]]:

@@ -20,7 +20,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 from . import endpoint as _endpoint
 from .config import Options
@@ -34,7 +34,7 @@ from .state import MISSING
 
 __all__ = ["Pipeline", "Store", "connect", "serve", "store"]
 
-Core = Union[LocalCore, RemoteCore]
+Core = LocalCore | RemoteCore
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -315,6 +315,15 @@ class Store(MutableMapping[str, Any]):
         if not self.is_owner:
             self._core.disable_cache(prefix)
 
+    def cache_info(self) -> dict[str, int]:
+        """Counters of the read cache: ``hits``, ``misses``, ``entries`` (values held now) and
+        ``flushes`` (times it was dropped whole because invalidations were lost)."""
+        cache = None if self.is_owner else self._core.cache
+        if cache is None:
+            return {"hits": 0, "misses": 0, "entries": 0, "flushes": 0}
+        return {"hits": cache.hits, "misses": cache.misses, "entries": len(cache._entries),
+                "flushes": cache.flushes}
+
     def pipeline(self) -> Pipeline:
         """Queue many operations and send them in one round trip (see :class:`Pipeline`)."""
         return Pipeline(self)
@@ -538,7 +547,7 @@ class Pipeline:
             self.execute()
 
 
-# -- the process-wide store ------------------------------------------------------------------------
+# -- the process-wide store -------------------------------------------------------------------
 
 _LIVE: weakref.WeakSet[Store] = weakref.WeakSet()
 _GLOBAL: Store | None = None
@@ -620,7 +629,7 @@ def connect(endpoint: str | None = None, **options: Any) -> Store:
     return Store(RemoteCore(address, opts), opts)
 
 
-# -- fork and exit -----------------------------------------------------------------------------------
+# -- fork and exit ---------------------------------------------------------------------------
 
 def _after_fork_in_child() -> None:
     global _GLOBAL_LOCK, _hooks_pid

@@ -22,9 +22,14 @@ Published message (owner XPUB -> SUB)::
     [topic] [meta: seq u64, version u64, kind u8] [value frames ...]
 
 Topics: ``c<channel>\\0`` for channel messages (``c<prefix>`` for a prefix subscription),
-``k<key>\\0`` for change events of a key, ``i<prefix>\\0`` for cache invalidations of keys
-starting with ``prefix`` (one frame: the key), ``w<token>`` for the welcome that makes a
-subscription live. ``seq`` counts messages per topic, so a subscriber sees its losses as gaps.
+``k<key>\\0`` for change events of a key, ``w<token>`` for the welcome that makes a
+subscription live.
+
+Cache invalidation (owner ROUTER -> a client's cache DEALER, on the same pipe as that socket's
+replies, so a reply proves which invalidations came before it)::
+
+    [header: rid 0, status INVALIDATE, seq u64, version u64] [key]
+ ``seq`` counts messages per topic, so a subscriber sees its losses as gaps.
 """
 
 from __future__ import annotations
@@ -43,27 +48,27 @@ from .codec import Frame
 from .errors import ProtocolError, RemoteError
 
 __all__ = [
+    "PROTOCOL_VERSION",
     "Op",
     "Status",
     "decode_error",
+    "decode_json",
     "encode_error",
     "encode_json",
-    "decode_json",
+    "key_bytes",
+    "key_str",
+    "make_probe",
     "pack_header",
     "pack_meta",
     "pack_reply",
-    "unpack_reply",
     "pack_sections",
-    "unpack_header",
-    "unpack_meta",
-    "unpack_sections",
-    "key_bytes",
-    "key_str",
-    "PROTOCOL_VERSION",
-    "make_probe",
     "pack_welcome",
     "parse_welcome",
     "probe_topics",
+    "unpack_header",
+    "unpack_meta",
+    "unpack_reply",
+    "unpack_sections",
 ]
 
 PROTOCOL_VERSION = 1
@@ -98,6 +103,9 @@ class Op(enum.IntEnum):
     PING = 19
     BYE = 20  # one-way: the session is closing
     STATS = 21
+    CACHE_WATCH = 22  # this socket receives invalidations of keys under these prefixes
+    CACHE_UNWATCH = 23
+    CACHE_SYNC = 24  # where is this socket's invalidation sequence now?
 
 
 class Status(enum.IntEnum):
@@ -106,6 +114,7 @@ class Status(enum.IntEnum):
     OK = 0
     NONE = 1  # missing key, failed comparison, lock not acquired in time
     ERROR = 2
+    INVALIDATE = 3  # not a reply: an invalidation pushed to a caching client
 
 
 class Kind(enum.IntEnum):
@@ -115,7 +124,6 @@ class Kind(enum.IntEnum):
     SET = 1
     DELETE = 2
     WELCOME = 3
-    INVALIDATE = 4
 
 
 def pack_header(rid: int, code: int) -> bytes:
