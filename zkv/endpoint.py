@@ -50,10 +50,10 @@ ENV_VAR = "ZKV_ENDPOINT"
 #: Unix socket paths longer than this do not fit in ``sockaddr_un.sun_path``.
 _MAX_SOCKET_PATH = 107
 _REQ_NAME = "r"
+_PUB_NAME = "p"
 _HOW_TO_CONNECT = ("Create the store in the main process (zkv.store() or zkv.serve()) before "
                    "starting other processes, or pass a live owner's endpoint to "
                    "zkv.connect(endpoint).")
-_PUB_NAME = "p"
 
 
 @dataclasses.dataclass(frozen=True)
