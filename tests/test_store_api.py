@@ -369,6 +369,17 @@ BAD_KEY_CALLS = {
 }
 
 
+def _bad_keys_in_child() -> list[str]:
+    kv = zkv.store()
+    raised = []
+    for name, call in BAD_KEY_CALLS.items():
+        try:
+            call(kv)
+        except TypeError:
+            raised.append(name)
+    return sorted(raised)
+
+
 class TestBadKeys:
     """A non-str key raises TypeError before anything is sent (proved against an owner that
     is stopped: anything sent would hang until the timeout instead)."""
@@ -387,6 +398,10 @@ class TestBadKeys:
             finally:
                 owner.resume()
                 client.close()
+
+    def test_type_error_in_child(self, kv: zkv.Store) -> None:
+        assert call_in_child(mp.get_context("fork"), _bad_keys_in_child) == sorted(BAD_KEY_CALLS)
+        assert kv.get_all() == {}
 
     def test_type_error_in_owner(self, kv: zkv.Store) -> None:
         for name, call in BAD_KEY_CALLS.items():
