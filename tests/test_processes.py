@@ -365,6 +365,15 @@ class TestDiscovery:
                 assert report["endpoint"] == kv.endpoint
                 assert kv[f"child:{report['pid']}"] == round_ + 1
 
+    def test_stale_variable_in_main_process(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A main process whose ZKV_ENDPOINT names a closed owner (and no ancestor owns a
+        store) raises, instead of silently becoming the owner of a new, empty store."""
+        with zkv.serve() as gone:
+            endpoint = gone.endpoint
+        monkeypatch.setenv("ZKV_ENDPOINT", endpoint)
+        with pytest.raises(zkv.NoOwnerError, match="stale"):
+            zkv.store()
+
     def test_orphan_child_raises_no_owner(self, mp_context: mp.context.BaseContext) -> None:
         assert "ZKV_ENDPOINT" not in os.environ
         message, made = call_in_child(mp_context, _try_store)
