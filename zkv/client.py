@@ -262,9 +262,9 @@ class Connection:
         if linger is None:
             linger = 0.0 if self._lost or not self.owner_alive() else self.options.linger
         if not self._lost and hasattr(self, "owner_pid"):
-            try:
-                self.send(Op.BYE, [])
-            except Exception:  # best effort: the owner also notices a dead process
+            try:  # best effort, never waiting: the owner also notices a dead process
+                self._socket().send_multipart([wire.pack_header(0, Op.BYE)], zmq.NOBLOCK)
+            except Exception:
                 pass
         self._closed = True
         # Requests waiting in other threads notice within one slice and stop using their socket.

@@ -206,10 +206,12 @@ class RemoteCore:
     def set_many(self, items: list[tuple[str, Any]]) -> None:
         self.execute([("set", item) for item in items])
 
-    def execute(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        """Send queued operations as one PIPELINE request; return their results in order. The
-        owner applies them as one atomic step; every operation runs, and the first error is
-        raised after all of them."""
+    def execute(self, calls: list[tuple[str, tuple[Any, ...]]],
+                out: list[Any] | None = None) -> list[Any]:
+        """Send queued operations as one PIPELINE request; return their results in order (also
+        appended to ``out``, which keeps them when an error is raised). The owner applies them
+        as one atomic step; every operation runs, and the first error is raised after all of
+        them."""
         if not calls:
             return []
         index = array("I")
@@ -234,7 +236,7 @@ class RemoteCore:
         out_index.frombytes(reply[0])
         if len(out_index) != 2 * len(calls):
             raise ProtocolError("pipeline reply does not match the request")
-        results: list[Any] = []
+        results: list[Any] = [] if out is None else out
         first_error: BaseException | None = None
         at = 1
         for i, decode in enumerate(decoders):

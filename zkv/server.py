@@ -504,7 +504,8 @@ class Server:
 
     def _modify(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         key, fn, default = _sections(args, 3, "MODIFY")
-        entry = self.state.modify(wire.key_str(key[0]), codec.loads(fn), codec.loads(default))
+        entry = self.state.modify(wire.key_str(key[0]), codec.loads(fn), codec.loads(default),
+                                  travel=True)
         return Status.OK, entry.wire()
 
     def _incr(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
@@ -537,8 +538,10 @@ class Server:
         return (Status.OK if done else Status.NONE), []
 
     def _transact(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
-        result = self.state.transact(codec.loads(args))
-        return Status.OK, codec.dumps(result)
+        fn = codec.loads(args)
+        # The result is pickled inside the transaction: if it cannot travel, nothing changes.
+        frames = self.state.transact(lambda view: codec.dumps(fn(view)), travel=True)
+        return Status.OK, frames
 
     def _lock(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         if len(args) != 3:

@@ -483,7 +483,8 @@ class Pipeline:
         p.results  # [None, 1, 1]
 
     :meth:`execute` sends them and returns the results (also kept in :attr:`results`). Every
-    queued operation runs; if any raised, the first exception is raised after all of them.
+    queued operation runs; if any raised, the first exception is raised after all of them, and
+    :attr:`results` holds the exception in place of each failed operation's result.
     """
 
     def __init__(self, store: Store) -> None:
@@ -534,7 +535,8 @@ class Pipeline:
     def execute(self) -> list[Any]:
         """Send the queued operations; return their results in order."""
         calls, self._calls = self._calls, []
-        self.results = self._store._core.execute(calls)
+        self.results = []
+        self._store._core.execute(calls, self.results)
         return self.results
 
     def __enter__(self) -> Pipeline:
@@ -568,7 +570,7 @@ def store() -> Store:
     with _GLOBAL_LOCK:
         if _GLOBAL is not None and not _GLOBAL.closed:
             return _GLOBAL
-        address = os.environ.get(_endpoint.ENV_VAR) or _endpoint.find_ancestor_owner()
+        address = _endpoint.discover()
         if address:
             made = connect(address)
         elif multiprocessing.parent_process() is not None:
@@ -620,7 +622,7 @@ def connect(endpoint: str | None = None, **options: Any) -> Store:
     ancestors. Raises :class:`~zkv.NoOwnerError` if there is no owner to join.
     """
     opts = Options.from_env(options)
-    address = endpoint or os.environ.get(_endpoint.ENV_VAR) or _endpoint.find_ancestor_owner()
+    address = endpoint or _endpoint.discover()
     if not address:
         raise NoOwnerError(f"no zkv endpoint given, {_endpoint.ENV_VAR} is not set and no "
                            "ancestor process owns a store")
