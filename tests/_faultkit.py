@@ -46,7 +46,7 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-# -- an owner in a child process --------------------------------------------------------------------
+# -- an owner in a child process -------------------------------------------------------------------
 
 def _owner_main(conn: Connection, options: dict[str, Any]) -> None:
     """Serve a store, tell the parent its endpoint, then obey it: ``"stats"`` (answered with
@@ -132,7 +132,7 @@ class OwnerProcess:
         self.close()
 
 
-# -- clients of an owner that gets killed -----------------------------------------------------------
+# -- clients of an owner that gets killed ----------------------------------------------------------
 
 def _report_errors(fn: Callable[..., None]) -> Callable[..., None]:
     """Run a child body; on an unexpected exception, print it and exit with status 3."""
@@ -245,26 +245,7 @@ def _sleep_a_minute(marker: str, value: int) -> int:
     return value
 
 
-# -- clients that get killed ------------------------------------------------------------------------
-
-@_report_errors
-def lock_holder(endpoint: str, name: str, ready: Any) -> None:
-    """Take lock ``name`` and hold it until killed."""
-    kv = zkv.connect(endpoint)
-    kv.lock(name).acquire()
-    ready.put(os.getpid())
-    while True:
-        time.sleep(1)  # holding the lock until SIGKILL; nothing to wait for
-
-
-@_report_errors
-def lock_queuer(endpoint: str, name: str, ready: Any) -> None:
-    """Wait for lock ``name`` (held by someone else) until killed."""
-    kv = zkv.connect(endpoint)
-    ready.put(os.getpid())
-    kv.lock(name).acquire()
-    ready.put("acquired")  # must not happen: it is killed while waiting
-
+# -- clients that get killed -----------------------------------------------------------------------
 
 @_report_errors
 def generation_writer(endpoint: str, keys: int, size: int, ready: Any) -> None:
@@ -294,19 +275,3 @@ def pipeline_writer(endpoint: str, keys: int, size: int, ready: Any) -> None:
             p.incr("pipe:count")
         if g == 2:
             ready.put(os.getpid())
-
-
-@_report_errors
-def busy_requester(endpoint: str, ready: Any) -> None:
-    """Send requests that each take the owner a moment (a modify), forever, until killed."""
-    kv = zkv.connect(endpoint)
-    n = 0
-    while True:
-        n += 1
-        kv.modify("busy", _append_bounded, [])
-        if n == 5:
-            ready.put(os.getpid())
-
-
-def _append_bounded(value: list[int]) -> list[int]:
-    return [*value[-50:], len(value)]

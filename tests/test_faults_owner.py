@@ -5,6 +5,7 @@ request timeout; the old Store stays broken; the same client processes can join 
 from __future__ import annotations
 
 import queue
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def test_owner_death_fails_every_client_fast(how: str, tmp_path: Path) -> None:
             for _ in procs:
                 new_endpoints.put(fresh.endpoint)
             second = _collect(results, len(procs), "on the new owner")
-            for role, pid, got, (_s, _e, still), close_took in second:
+            for role, _pid, got, (_s, _e, still), close_took in second:
                 assert got == role, f"{role} could not use the new owner"
                 assert still == "OwnerGoneError", f"{role}: the old store said {still}"
                 assert close_took < 2.0
@@ -121,3 +122,26 @@ class TestOldStore:
             client.close()
             with pytest.raises(zkv.StoreClosedError):
                 client.get("k")
+
+
+def _poller_bug() -> None:
+    raise RuntimeError("a bug in the owner's poller thread")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_crashed_poller_thread_counts_as_owner_gone(kv: zkv.Store,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Should the owner's poller thread ever die of a bug, its process lives on but nobody
+    serves the store: clients get OwnerGoneError at once, not at the end of their timeout."""
+    client = zkv.connect(kv.endpoint, timeout=60)
+    try:
+        client.set("k", 1)
+        kv._core.server._check_sessions = _poller_bug  # runs on the poller thread within 0.2 s
+        start = time.monotonic()
+        with pytest.raises(zkv.OwnerGoneError):
+            while True:
+                client.get("k")
+        assert time.monotonic() - start < FAST
+        assert "poller thread crashed" in caplog.text
+    finally:
+        client.close()

@@ -79,7 +79,8 @@ def barrier(sock: zmq.Socket[Any]) -> list[list[bytes]]:
     while True:
         assert sock.poll(15_000), "the owner stopped answering"
         reply = sock.recv_multipart()
-        if reply == [wire.pack_header(BARRIER_RID, Status.OK)]:
+        rid, status, _before, _after = wire.unpack_reply(reply[0])
+        if (rid, status, len(reply)) == (BARRIER_RID, Status.OK, 1):
             return replies
         replies.append(reply)
 
@@ -97,7 +98,7 @@ def refused_for_sure(frames: Sequence[bytes]) -> bool:
     return op not in set(Op)
 
 
-# -- the request socket ------------------------------------------------------------------------------
+# -- the request socket ----------------------------------------------------------------------------
 
 class TestRequestSocket:
     """Random frames to the ROUTER socket from DEALER, REQ and PUSH peers."""
@@ -111,7 +112,7 @@ class TestRequestSocket:
         try:
             sock.send_multipart(frames)
             for reply in barrier(sock):
-                wire.unpack_header(reply[0])  # every answer is a well-formed reply
+                wire.unpack_reply(reply[0])  # every answer is a well-formed reply
         finally:
             sock.close()
         if refused_for_sure(frames):
@@ -172,7 +173,7 @@ class TestRequestSocket:
         check_serving(client, "logged")
 
 
-# -- the publish socket ------------------------------------------------------------------------------
+# -- the publish socket ----------------------------------------------------------------------------
 
 subscription_junk = st.lists(
     st.builds(lambda first, rest: bytes([first]) + rest, st.integers(0, 255), frame)
@@ -224,7 +225,7 @@ class TestPublishSocket:
                 sock.close()
 
 
-# -- bytes that are not ZeroMQ at all ------------------------------------------------------------------
+# -- bytes that are not ZeroMQ at all --------------------------------------------------------------
 
 class TestRawBytes:
     """Random bytes written straight into the unix sockets (no ZMTP handshake)."""
@@ -257,13 +258,13 @@ def request(ctx: zmq.Context[Any], endpoint: str, frames: list[bytes],
                                  wire.encode_json({"pid": os.getpid(),
                                                    "host": socket.gethostname()})])
         sock.send_multipart(frames)
-        replies = [r for r in barrier(sock) if wire.unpack_header(r[0])[0] != 1 or not hello]
+        replies = [r for r in barrier(sock) if wire.unpack_reply(r[0])[0] != 1 or not hello]
     finally:
         sock.close()
     if not replies:
         return None
     assert len(replies) == 1
-    rid, status = wire.unpack_header(replies[0][0])
+    status = wire.unpack_reply(replies[0][0])[1]
     return status, replies[0][1:]
 
 
@@ -308,16 +309,29 @@ class TestWellFramedButWrong:
             client.modify("junk", repr)  # fails in the owner, changes nothing
         client.delete("junk")
 
-    @pytest.mark.parametrize("counts", [[1, 5], [3, 0], [2], [1, 1, 1]])
+    @pytest.mark.parametrize("counts", [[1, 5], [2], [0, 0], [4, 0]])
     def test_pipeline_index_that_lies(self, kv: zkv.Store, client: zkv.Store,
                                       ctx: zmq.Context[Any], counts: list[int]) -> None:
-        # One SET of "lied" (2 frames) and one GET, under an index with other frame counts.
+        # A SET of "lied" and a GET of "canary" (3 frames), under an index that counts others.
+        ops = [Op.SET, Op.GET][:len(counts)]
         index = b"".join(int(n).to_bytes(4, "little") for op_n in
-                         zip([Op.SET, Op.GET], counts) for n in op_n)
+                         zip(ops, counts, strict=True) for n in op_n)
         frames = [head(Op.PIPELINE), index, b"lied", pickle.dumps(1), b"canary"]
         exc = error_of(request(ctx, kv.endpoint, frames))
         assert isinstance(exc, zkv.ProtocolError)
         assert "lied" not in client  # nothing of it was applied
+
+    def test_pipeline_index_that_splits_wrongly(self, kv: zkv.Store, client: zkv.Store,
+                                                ctx: zmq.Context[Any]) -> None:
+        # The total is right but each operation gets the wrong frames: each is answered (here
+        # with errors) on its own, as in any pipeline.
+        index = b"".join(n.to_bytes(4, "little") for n in (Op.SET, 1, Op.GET, 0, Op.GET, 2))
+        frames = [head(Op.PIPELINE), index, b"lied", pickle.dumps(1), b"canary"]
+        status, reply = request(ctx, kv.endpoint, frames) or (None, [])
+        assert status == Status.OK
+        sub_status = [int.from_bytes(reply[0][i:i + 4], "little") for i in range(0, 24, 8)]
+        assert sub_status == [Status.ERROR] * 3
+        assert "lied" not in client
 
     def test_pipeline_index_of_odd_length(self, kv: zkv.Store, client: zkv.Store,
                                           ctx: zmq.Context[Any]) -> None:
@@ -375,7 +389,7 @@ class TestWellFramedButWrong:
             assert (message.channel, message.data) == ("ok", 1)
 
 
-# -- memory ----------------------------------------------------------------------------------------------
+# -- memory ----------------------------------------------------------------------------------------
 
 def _garbage_round(ctx: zmq.Context[Any], endpoint: str, rng: random.Random) -> None:
     """A few thousand hostile messages from short-lived peers of every kind."""

@@ -105,6 +105,8 @@ def loads(frames: Sequence[Frame]) -> Any:
     :class:`DecodeError` with the original reason when the value cannot be unpickled here (a
     class this process cannot import, a corrupted pickle, ...).
     """
+    if not frames:
+        raise DecodeError("malformed value: no frames")
     first = frames[0]
     if len(first) == 0:
         if len(frames) != 2:

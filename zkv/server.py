@@ -95,7 +95,10 @@ class Server:
         # instead of making the owner buffer without bound; request sockets have at most one
         # reply outstanding, so they never get near it.
         self._router.setsockopt(zmq.SNDHWM, options.hwm)
-        self._xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+        # Plain XPUB: it reports a topic when its first subscriber comes and when its last one
+        # goes, deduplicated by ZeroMQ per connection, so the owner's topic set stays exact
+        # (verbose modes report every duplicate subscription and leak counts).
+        self._xpub.setsockopt(zmq.MAXMSGSIZE, options.max_message_size)
         self._xpub.setsockopt(zmq.SNDHWM, options.hwm)
         self._xpub.setsockopt(zmq.LINGER, int(options.linger * 1000))
         try:
@@ -236,7 +239,7 @@ class Server:
                     next_liveness = now + _LIVENESS_PERIOD
                     if self._outbox:
                         self._flush_outbox()
-        except Exception:  # pragma: no cover - a bug; keep the traceback
+        except BaseException:  # a bug; keep the traceback
             log.exception("zkv owner poller thread crashed")
             raise
         finally:
@@ -244,6 +247,10 @@ class Server:
             self._router.close(0)
             self._xpub.close(int(self.options.linger * 1000))
             self._ctx.term()
+            if not self._stopping and self.directory is not None:
+                # Nobody serves this store any more: remove the socket files so that clients
+                # get OwnerGoneError at once instead of waiting for their timeouts.
+                endpoint.remove_ipc_dir(self.directory)
 
     def _poll_timeout(self, next_liveness: float) -> int:
         now = time.monotonic()
@@ -277,6 +284,8 @@ class Server:
         except BaseException as exc:  # user code run here (modify, unpickling) may raise anything
             if isinstance(exc, ProtocolError):
                 self._refuse(f"{Op(op).name}: {exc}")
+            if op in _ONE_WAY:  # the sender waits for no answer
+                return
             result = (Status.ERROR, wire.encode_error(exc))
         if result is not None:
             self._reply(routing_id, rid, result[0], result[1], before)
@@ -405,8 +414,10 @@ class Server:
     # -- request handlers: (session, routing_id, rid, args) -> (status, frames) or None ----------
 
     def _hello(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
-        info = wire.decode_json(args[0]) if args else {}
-        pid = int(info.get("pid", 0))
+        info = wire.decode_json(args[0]) if args else None
+        pid = info.get("pid") if isinstance(info, dict) else None
+        if type(pid) is not int or pid <= 0:  # a session the liveness checks could never end
+            raise ProtocolError("HELLO needs a JSON object with the client's pid")
         host = str(info.get("host", ""))
         local = host == self._hostname and self.directory is not None
         self._sessions[session] = _Session(pid, host, local)
@@ -421,7 +432,7 @@ class Server:
         return Status.OK, [wire.encode_json(reply)]
 
     def _get(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
-        entry = self.state.data.get(wire.key_str(args[0]))
+        entry = self.state.data.get(_key(args, "GET"))
         if entry is None:
             return Status.NONE, []
         return Status.OK, entry.wire()
@@ -433,7 +444,7 @@ class Server:
         return Status.OK, []
 
     def _delete(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
-        entry = self.state.delete(wire.key_str(args[0]))
+        entry = self.state.delete(_key(args, "DELETE"))
         return (Status.NONE if entry is None else Status.OK), []
 
     def _pipeline(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
@@ -495,7 +506,7 @@ class Server:
         return Status.OK, codec.dumps(len(self.state.data))
 
     def _contains(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
-        found = wire.key_str(args[0]) in self.state.data
+        found = _key(args, "CONTAINS") in self.state.data
         return (Status.OK if found else Status.NONE), []
 
     def _clear(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
@@ -521,7 +532,7 @@ class Server:
         return Status.OK, entry.wire()
 
     def _pop(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
-        key = wire.key_str(args[0])
+        key = _key(args, "POP")
         with self.state.lock:
             entry = self.state.data.get(key)
             if entry is None:
@@ -538,6 +549,8 @@ class Server:
         return (Status.OK if done else Status.NONE), []
 
     def _transact(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        if not args:
+            raise ProtocolError("TRANSACT needs a function")
         fn = codec.loads(args)
         # The result is pickled inside the transaction: if it cannot travel, nothing changes.
         frames = self.state.transact(lambda view: codec.dumps(fn(view)), travel=True)
@@ -572,6 +585,7 @@ class Server:
     def _publish(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         if len(args) < 2:
             raise ProtocolError("PUBLISH needs a channel and a value")
+        wire.key_str(args[0])  # a channel name subscribers can decode, or refused
         with self.state.lock:  # in order with the change events of concurrent writes
             self._outbox.append(("pub", bytes(args[0]), args[1:]))
         return None
@@ -631,6 +645,15 @@ class Server:
 _NOT_PIPELINED = frozenset({Op.HELLO, Op.PIPELINE, Op.LOCK, Op.PUBLISH, Op.BYE,
                             Op.CACHE_WATCH, Op.CACHE_UNWATCH, Op.CACHE_SYNC})
 _SEQ = struct.Struct("<Q")
+
+
+_ONE_WAY = frozenset({Op.PUBLISH, Op.BYE})
+
+
+def _key(args: list[Any], what: str) -> str:
+    if not args:
+        raise ProtocolError(f"{what} needs a key")
+    return wire.key_str(args[0])
 
 
 def _sections(args: list[Any], count: int, what: str) -> list[Sequence[Frame]]:

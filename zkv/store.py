@@ -407,9 +407,9 @@ class Store(MutableMapping[str, Any]):
 
     def stats(self) -> dict[str, int]:
         """The owner's counters: ``keys``, ``version`` (changes applied so far), ``sessions``
-        (connected client processes), ``subscriptions`` and ``topics`` (live subscriptions, all
-        processes), ``locks`` (sessions holding or waiting for locks), ``refused`` (malformed
-        messages dropped) and the owner's ``pid``."""
+        (connected client processes), ``topics`` (topics with at least one live subscriber, in
+        any process; ``subscriptions`` is the same number), ``locks`` (sessions holding or
+        waiting for locks), ``refused`` (malformed messages dropped) and the owner's ``pid``."""
         return self._core.stats()  # type: ignore[no-any-return]
 
     # -- lifecycle -------------------------------------------------------------------------------
