@@ -415,7 +415,9 @@ class Server:
 
     def _hello(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         info = wire.decode_json(args[0]) if args else None
-        pid = info.get("pid") if isinstance(info, dict) else None
+        if not isinstance(info, dict):
+            info = {}
+        pid = info.get("pid")
         if type(pid) is not int or pid <= 0:  # a session the liveness checks could never end
             raise ProtocolError("HELLO needs a JSON object with the client's pid")
         host = str(info.get("host", ""))
