@@ -147,7 +147,9 @@ class Connection:
         return self.endpoint.owner_present()
 
     def _check_size(self, frames: Sequence[Frame]) -> None:
-        if len(frames) > 1 or (frames and len(frames[0]) >= _LARGE):
+        # Even one frame over the limit must be caught here: the owner's ZeroMQ would drop the
+        # connection without a word, and the caller would wait for its timeout.
+        if len(frames) > 1 or (frames and len(frames[0]) > min(_LARGE, self.max_message_size)):
             size = codec.frames_size(frames)
             if size > self.max_message_size:
                 raise MessageTooLargeError(
