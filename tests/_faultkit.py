@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import multiprocessing as mp
 import os
+import random
 import signal
 import sys
 import time
@@ -275,3 +276,89 @@ def pipeline_writer(endpoint: str, keys: int, size: int, ready: Any) -> None:
             p.incr("pipe:count")
         if g == 2:
             ready.put(os.getpid())
+
+
+# -- stress ---------------------------------------------------------------------------------------
+
+#: Channels the stress workers publish on.
+STRESS_CHANNELS = ("ch0", "ch1", "ch2", "ch3")
+
+
+def _append(item: Any, log: list[Any]) -> list[Any]:
+    log.append(item)
+    return log
+
+
+@_report_errors
+def stress_worker(endpoint: str, me: int, ops: int, pad: int, start: Any,
+                  reports: Any) -> None:
+    """``ops`` mixed operations, each chosen at random (seeded by ``me``); reports what it did
+    so that the test can audit the store."""
+    kv = zkv.connect(endpoint, timeout=120)
+    rng = random.Random(me)
+    padding = b"p" * pad
+    report: dict[str, Any] = {"me": me, "added": 0, "incrs": 0, "seq": 0, "last": None,
+                              "mismatches": 0, "deletes": 0,
+                              "published": dict.fromkeys(STRESS_CHANNELS, 0)}
+    start.wait(60)
+    for i in range(ops):
+        what = rng.choices(("set", "get", "incr", "modify", "delete", "publish"),
+                           weights=(2, 2, 2, 2, 1, 1))[0]
+        if what == "set":
+            kv.set(f"w{me}:value", i)
+            report["last"] = i
+        elif what == "get":
+            if kv.get(f"w{me}:value") != report["last"]:
+                report["mismatches"] += 1  # a write of this process was lost or reordered
+        elif what == "incr":
+            amount = rng.randrange(1, 6)
+            kv.incr("counter", amount)
+            report["added"] += amount
+            report["incrs"] += 1
+            kv.incr(f"w{me}:incrs")
+        elif what == "modify":
+            item = (me, report["seq"])
+            kv.modify(f"w{me}:seq", functools.partial(_append, report["seq"]), [])
+            kv.modify("log", functools.partial(_append, item), [])
+            report["seq"] += 1
+        elif what == "delete":
+            kv.set(f"w{me}:tmp", i)
+            if not kv.delete(f"w{me}:tmp") or kv.get(f"w{me}:tmp") is not None:
+                report["mismatches"] += 1
+            report["deletes"] += 1
+        else:
+            channel = STRESS_CHANNELS[rng.randrange(len(STRESS_CHANNELS))]
+            kv.publish(channel, (me, report["published"][channel], padding))
+            report["published"][channel] += 1
+    kv.close()
+    reports.put(report)
+
+
+@_report_errors
+def stress_subscriber(endpoint: str, name: str, hwm: int, ready: Any, drain: Any,
+                      reports: Any) -> None:
+    """Subscribe to every stress channel; if ``drain`` is given, read nothing until it is set
+    (a subscriber that falls far behind). Read until an end marker arrives on every channel;
+    report what was received, the end markers' numbers, and the gaps zkv counted."""
+    kv = zkv.connect(endpoint, hwm=hwm, timeout=120)
+    sub = kv.subscribe(*STRESS_CHANNELS)
+    ready.put(name)
+    if drain is not None:
+        drain.wait(120)
+    received: dict[str, list[tuple[int, int]]] = {c: [] for c in STRESS_CHANNELS}
+    counts = dict.fromkeys(STRESS_CHANNELS, 0)  # messages received, end markers included
+    last = dict.fromkeys(STRESS_CHANNELS, 0)  # highest sequence number seen
+    ends: dict[str, tuple[int, int]] = {}  # channel -> (marker number, its sequence number)
+    while len(ends) < len(STRESS_CHANNELS):
+        message = sub.receive_message(timeout=120)
+        channel = message.channel
+        counts[channel] += 1
+        last[channel] = message.seq
+        if message.data[0] == "end":
+            ends.setdefault(channel, (message.data[1], message.seq))
+        elif channel not in ends:
+            received[channel].append(message.data[:2])
+    reports.put({"name": name, "received": received, "ends": ends, "counts": counts,
+                 "last": last, "dropped": sub.dropped})
+    sub.close()
+    kv.close()
