@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from _faultkit import CTX, STRESS_CHANNELS, stress_subscriber, stress_worker
 
-import zkv
 from zkv.testing import private_store
 
 WORKERS = 32
