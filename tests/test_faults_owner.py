@@ -5,6 +5,7 @@ request timeout; the old Store stays broken; the same client processes can join 
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -145,3 +146,29 @@ def test_crashed_poller_thread_counts_as_owner_gone(kv: zkv.Store,
         assert "poller thread crashed" in caplog.text
     finally:
         client.close()
+
+
+def test_owner_thread_publishing_flat_out_does_not_starve_clients(kv: zkv.Store) -> None:
+    """An owner thread that publishes in a tight loop shares the owner with the clients: they
+    can still connect and are served (its messages queue behind theirs, not ahead forever)."""
+    stop = threading.Event()
+
+    def flood() -> None:
+        n = 0
+        while not stop.is_set():
+            kv.publish("flood", n)
+            n += 1
+
+    flooder = threading.Thread(target=flood)
+    flooder.start()
+    try:
+        client = zkv.connect(kv.endpoint, timeout=15)
+        try:
+            for i in range(20):
+                client.set("k", i)
+                assert client.get("k") == i
+        finally:
+            client.close()
+    finally:
+        stop.set()
+        flooder.join(10)

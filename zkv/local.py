@@ -149,6 +149,7 @@ class LocalCore:
 
     def publish(self, channel: str, data: Any) -> None:
         frames = codec.dumps(data, copy_buffers=True)
+        self.server.wait_for_room()  # (never under the state lock: the poller may need it)
         with self.state.lock:  # in order with the change events of concurrent writes
             self.server.post(("pub", wire.key_bytes(channel), frames))
 

@@ -30,7 +30,7 @@ import zmq
 from . import codec, endpoint, wire
 from .codec import Frame
 from .config import Options
-from .errors import EncodeError, ProtocolError
+from .errors import EncodeError, ProtocolError, ZkvTimeoutError
 from .locks import LockTable
 from .state import DELETE, Entry, State
 from .waker import Waker
@@ -45,6 +45,8 @@ OWNER_SESSION = b"\0" * 8
 
 _LARGE = 64 * 1024
 _BATCH = 256  # requests handled per poll wake-up before looking at the other sockets
+_FLUSH_BATCH = 1024  # outbox items sent per poller turn, so that requests are served between
+_OUTBOX_LIMIT = 4096  # owner threads publishing past this wait for the poller to catch up
 _LIVENESS_PERIOD = 0.2  # seconds between checks that lock-holding clients are alive
 _SWEEP_EVERY = 25  # ticks between checks of every client session
 
@@ -129,6 +131,8 @@ class Server:
             raise
         self._waker = Waker()
         self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._room = threading.Condition()
+        self._room_waiters = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="zkv-owner", daemon=True)
         self._thread_id: int | None = None
@@ -196,6 +200,27 @@ class Server:
         self._outbox.append(item)
         if threading.get_ident() != self._thread_id:
             self._waker.wake()
+
+    def wait_for_room(self) -> None:
+        """Block an owner thread (holding no store lock) while the outbox is over its limit:
+        publishing in a tight loop then goes at the pace the poller thread sends, instead of
+        queueing without bound. Raises ZkvTimeoutError if the poller does not catch up within
+        the store's timeout."""
+        if len(self._outbox) < _OUTBOX_LIMIT or threading.get_ident() == self._thread_id:
+            return
+        deadline = time.monotonic() + self.options.timeout
+        with self._room:
+            self._room_waiters += 1
+            try:
+                while len(self._outbox) >= _OUTBOX_LIMIT and not self._stopping:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise ZkvTimeoutError(
+                            f"the zkv owner's poller thread did not catch up with "
+                            f"{len(self._outbox)} queued messages within {self.options.timeout}s")
+                    self._room.wait(min(remaining, 0.1))
+            finally:
+                self._room_waiters -= 1
 
     def _on_change(self, kind: int, key: str, entry: Entry | None, version: int) -> None:
         self.post(("chg", kind, key, entry, version))
@@ -347,7 +372,9 @@ class Server:
 
     def _flush_outbox(self) -> None:
         outbox = self._outbox
-        while outbox:
+        # A batch at a time: an owner thread that keeps publishing must not keep this thread
+        # from serving requests. What is left is sent on the next turn, at once.
+        for _ in range(min(len(outbox), _FLUSH_BATCH)):
             item = outbox.popleft()
             what = item[0]
             if what == "pub":
@@ -359,6 +386,11 @@ class Server:
                     self._router.send_multipart(item[1], copy=False)
                 except zmq.ZMQError:
                     pass
+        if outbox:
+            self._waker.wake()
+        if self._room_waiters:
+            with self._room:
+                self._room.notify_all()
 
     def _fan_out(self, topic: bytes, kind: int, frames: Sequence[Frame], version: int) -> None:
         seq = self._seqs.get(topic, 0) + 1
