@@ -26,7 +26,7 @@ from typing import Any
 
 import zmq
 
-from . import codec, endpoint, wire
+from . import auth, codec, endpoint, wire
 from .codec import Frame
 from .config import Options
 from .errors import EncodeError, ProtocolError
@@ -52,19 +52,29 @@ Handler = Callable[[bytes, bytes, int, list[Any]], Reply]
 
 
 class _Session:
-    __slots__ = ("host", "last_seen", "local", "pid")
+    __slots__ = ("fd", "host", "last_seen", "local", "pid")
 
     def __init__(self, pid: int, host: str, local: bool) -> None:
         self.pid = pid
         self.host = host
         self.local = local
         self.last_seen = time.monotonic()
+        self.fd: int | None = None  # tcp: the connection that said HELLO
+
+
+#: Events of the owner's tcp ROUTER that it watches: a session ends when its HELLO connection
+#: drops; failed handshakes are logged.
+_MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 class Server:
     """Binds the owner's sockets and runs its poller thread.
 
-    ``bind`` is None for private ipc sockets, or a ``tcp://host:port`` address.
+    ``bind`` is None for private ipc sockets, or a ``tcp://host:port`` address. A tcp owner
+    requires CURVE on both sockets and answers ZAP requests in its poller thread (no extra
+    thread; the allowed keys are checked where every other decision about peers is taken);
+    refused without credentials (:class:`~zkv.AuthenticationError` saying how to make them).
     """
 
     def __init__(self, state: State, options: Options, locks: LockTable,
@@ -83,6 +93,12 @@ class Server:
         self._xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
         self._xpub.setsockopt(zmq.SNDHWM, options.hwm)
         self._xpub.setsockopt(zmq.LINGER, int(options.linger * 1000))
+        self._zap: zmq.Socket[Any] | None = None  # tcp only: ZAP requests (RFC 27)
+        self._monitor: zmq.Socket[Any] | None = None  # tcp only: the ROUTER's connection events
+        self._auth: auth.Authenticator | None = None
+        self._fd_sessions: dict[int, bytes] = {}  # tcp: HELLO connection -> session
+        self._current: list[zmq.Frame] | None = None  # tcp: the request being handled
+        self.handshake_failures = 0
         try:
             if bind is None:
                 self.directory, self.endpoint, pub = endpoint.make_ipc_dir()
@@ -94,6 +110,7 @@ class Server:
                 if ep.transport != "tcp":
                     raise ValueError(f"serve() binds ipc sockets itself; pass None or tcp://, "
                                      f"not {bind!r}")
+                self._secure(auth.owner_keys(options.keys, bind))
                 self._router.bind(bind)
                 self.endpoint = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
                 host = ep.host or "*"
@@ -105,6 +122,9 @@ class Server:
         except BaseException:
             self._router.close()
             self._xpub.close()
+            for extra in (self._zap, self._monitor):
+                if extra is not None:
+                    extra.close()
             self._ctx.term()
             if self.directory is not None:
                 endpoint.remove_ipc_dir(self.directory)
@@ -145,6 +165,23 @@ class Server:
             Op.BYE: self._bye,
             Op.STATS: self._stats,
         }
+
+    def _secure(self, keys: auth.OwnerKeys) -> None:
+        """Make both tcp sockets CURVE servers that let in only allowed client keys, with
+        heartbeats so that silent peers are dropped."""
+        self._auth = auth.Authenticator(keys)
+        self._zap = self._ctx.socket(zmq.REP)
+        self._zap.bind("inproc://zeromq.zap.01")  # before any CURVE socket binds
+        beat = int(self.options.heartbeat * 1000)
+        for sock in (self._router, self._xpub):
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret_key)
+            sock.setsockopt(zmq.ZAP_DOMAIN, auth.ZAP_DOMAIN)
+            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)  # no ZAP handler: refuse, never allow
+            sock.setsockopt(zmq.HEARTBEAT_IVL, beat)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * beat)
+        self._monitor = auth.monitor(self._router, _MONITOR_EVENTS)
+        self._handle = self._handle_remote  # type: ignore[method-assign]
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -187,6 +224,10 @@ class Server:
         poller.register(self._xpub, zmq.POLLIN)
         poller.register(self._waker.fd, zmq.POLLIN)
         router, xpub, wake_r = self._router, self._xpub, self._waker.fd
+        zap, monitor = self._zap, self._monitor
+        if zap is not None and monitor is not None:
+            poller.register(zap, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
         self._started.set()
         next_liveness = time.monotonic() + _LIVENESS_PERIOD
         try:
@@ -208,6 +249,9 @@ class Server:
                     self._read_subscriptions()
                 if wake_r in ready:
                     self._waker.drain()
+                if zap is not None and (zap in ready or monitor in ready):
+                    self._answer_zap()
+                    self._read_monitor()
                 if self._outbox:
                     self._flush_outbox()
                 now = time.monotonic()
@@ -224,6 +268,9 @@ class Server:
             self.state.on_change = None
             self._router.close(0)
             self._xpub.close(int(self.options.linger * 1000))
+            for extra in (self._monitor, self._zap):
+                if extra is not None:
+                    extra.close(0)
             self._ctx.term()
 
     def _poll_timeout(self, next_liveness: float) -> int:
@@ -261,6 +308,15 @@ class Server:
         if result is not None:
             self._reply(routing_id, rid, result[0], result[1])
 
+    def _handle_remote(self, frames: list[zmq.Frame]) -> None:
+        """:meth:`_handle` for tcp: keeps the frames in reach of HELLO, which records the
+        connection it came on."""
+        self._current = frames
+        try:
+            Server._handle(self, frames)
+        finally:
+            self._current = None
+
     def _reply(self, routing_id: bytes, rid: int, status: int, out: list[Frame]) -> None:
         try:
             self._router.send_multipart([routing_id, wire.pack_header(rid, status), *out],
@@ -272,6 +328,34 @@ class Server:
         self.refused += 1
         if self.refused <= 10 or self.refused % 1000 == 0:
             log.warning("zkv owner refused a message (%d so far): %s", self.refused, why)
+
+    # -- tcp: authentication and connections -----------------------------------------------------
+
+    def _answer_zap(self) -> None:
+        assert self._zap is not None and self._auth is not None
+        while True:
+            try:
+                request = self._zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._zap.send_multipart(self._auth.handle(request))
+
+    def _read_monitor(self) -> None:
+        """End the sessions whose HELLO connection dropped (the client died, closed, or
+        stopped answering heartbeats: its locks are released); log failed handshakes."""
+        assert self._monitor is not None
+        for event, value in auth.drain_events(self._monitor):
+            if event == zmq.EVENT_DISCONNECTED:
+                session = self._fd_sessions.pop(value, None)
+                if session is not None and session in self._sessions:
+                    log.info("zkv session %s: connection lost; ending it", session.hex())
+                    self._end_session(session)
+            else:
+                self.handshake_failures += 1
+                if self.handshake_failures <= 10 or self.handshake_failures % 1000 == 0:
+                    log.warning("zkv owner refused a connection: CURVE handshake failed (the "
+                                "peer does not speak CURVE or uses a wrong server key; %d so "
+                                "far)", self.handshake_failures)
 
     # -- subscriptions and fan-out ---------------------------------------------------------------
 
@@ -366,7 +450,9 @@ class Server:
                 self._end_session(session)
 
     def _end_session(self, session: bytes) -> None:
-        self._sessions.pop(session, None)
+        info = self._sessions.pop(session, None)
+        if info is not None and info.fd is not None and self._fd_sessions.get(info.fd) == session:
+            del self._fd_sessions[info.fd]
         self.locks.drop_session(session)
 
     # -- request handlers: (session, routing_id, rid, args) -> (status, frames) or None ----------
@@ -376,7 +462,18 @@ class Server:
         pid = int(info.get("pid", 0))
         host = str(info.get("host", ""))
         local = host == self._hostname and self.directory is not None
-        self._sessions[session] = _Session(pid, host, local)
+        if self._current is not None:  # tcp
+            # Disconnections queued before this HELLO are settled first: the fd it came on
+            # may be the reused fd of a connection that has just closed.
+            self._read_monitor()
+        record = self._sessions[session] = _Session(pid, host, local)
+        peer = ""
+        if self._current is not None:
+            frame = self._current[1]
+            record.fd = frame.get(zmq.SRCFD)
+            self._fd_sessions[record.fd] = session
+            peer = f" as {frame.get('User-Id')!r} from {frame.get('Peer-Address')}"
+        log.info("zkv session %s: HELLO from pid %d on %s%s", session.hex(), pid, host, peer)
         reply = {
             "version": wire.PROTOCOL_VERSION,
             "pid": os.getpid(),
@@ -555,6 +652,8 @@ class Server:
             "topics": len(self._subscriptions),
             "locks": len(self.locks.sessions()),
             "refused": self.refused,
+            "refused_auth": (0 if self._auth is None
+                             else self._auth.refused + self.handshake_failures),
             "pid": os.getpid(),
         }
 
@@ -562,6 +661,8 @@ class Server:
         return Status.OK, [wire.encode_json(self.stats())]
 
     def _bye(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        if session in self._sessions:
+            log.info("zkv session %s: BYE", session.hex())
         self._end_session(session)
         return None
 
