@@ -293,11 +293,11 @@ class TestDeadPeers:
 
             def pending_lock() -> None:
                 try:
-                    waiter.lock("L").acquire()
+                    waiter.lock("L").acquire(timeout=30)
                 except BaseException as exc:
                     errors["lock"] = exc
 
-            thread = threading.Thread(target=pending_lock)
+            thread = threading.Thread(target=pending_lock, daemon=True)
             thread.start()
             wait_for(lambda: holder.stats()["locks"] == 2, what="the lock wait is pending")
             killed = time.monotonic()
@@ -369,7 +369,7 @@ class TestZkvServe:
                     assert sub.receive(FAST) == "m"
                 assert kv["a"] == [1, 2]
             proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=30)
+            _out, err = proc.communicate(timeout=30)
             assert proc.returncode == 0, err
             assert "HELLO" in err and "BYE" in err and "closed" in err
             with pytest.raises(zkv.NoOwnerError):
