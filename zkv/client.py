@@ -223,7 +223,7 @@ class Connection:
     def _send(self, sock: zmq.Socket[Any], frames: list[Frame], deadline: float) -> None:
         while True:
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                wire.send_frames(sock, frames)
                 return
             except zmq.Again:
                 pass

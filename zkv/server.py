@@ -34,7 +34,7 @@ from .errors import EncodeError, ProtocolError
 from .locks import LockTable
 from .state import DELETE, Entry, State
 from .waker import Waker
-from .wire import Kind, Op, Status
+from .wire import Kind, Op, Status, send_frames
 
 __all__ = ["OWNER_SESSION", "Server"]
 
@@ -47,6 +47,9 @@ _LARGE = 64 * 1024
 _BATCH = 256  # requests handled per poll wake-up before looking at the other sockets
 _LIVENESS_PERIOD = 0.2  # seconds between checks that lock-holding clients are alive
 _SWEEP_EVERY = 25  # ticks between checks of every client session
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
 
 Reply = tuple[int, list[Frame]] | None
 Handler = Callable[[bytes, bytes, int, list[Any]], Reply]
@@ -201,41 +204,46 @@ class Server:
 
     def _run(self) -> None:
         self._thread_id = threading.get_ident()
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._xpub, zmq.POLLIN)
-        poller.register(self._waker.fd, zmq.POLLIN)
-        router, xpub, wake_r = self._router, self._xpub, self._waker.fd
+        router, xpub, wake_fd = self._router, self._xpub, self._waker.fd
+        items = [(router, _POLLIN), (xpub, _POLLIN), (wake_fd, _POLLIN)]
         self._started.set()
-        next_liveness = time.monotonic() + _LIVENESS_PERIOD
+        next_tick = time.monotonic() + _LIVENESS_PERIOD
         try:
             while not self._stopping:
-                timeout = self._poll_timeout(next_liveness)
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._check_sessions()
+                    self.locks.expire(now)
+                    next_tick = now + _LIVENESS_PERIOD
+                    if self._outbox:
+                        self._flush_outbox()
+                timeout = next_tick - now
+                if self.locks.waiting:
+                    nearest = self.locks.expire(now)
+                    if nearest is not None:
+                        timeout = min(timeout, nearest - now)
                 try:
-                    ready = dict(poller.poll(timeout))
+                    ready = zmq.zmq_poll(items, max(0, int(timeout * 1000) + 1))
                 except zmq.ZMQError as exc:  # pragma: no cover - EINTR and the like
                     log.debug("poll failed: %s", exc)
                     continue
-                if router in ready:
-                    for _ in range(_BATCH):
-                        try:
-                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._handle(frames)
-                if xpub in ready:
-                    self._read_subscriptions()
-                if wake_r in ready:
-                    self._waker.drain()
+                for sock, _events in ready:
+                    if sock is router:
+                        # Serve what is queued, checking for more without raising Again.
+                        for _ in range(_BATCH):
+                            try:
+                                frames = router.recv_multipart(_NOBLOCK, copy=False)
+                            except zmq.Again:
+                                break
+                            self._handle(frames)
+                            if not router.getsockopt(_EVENTS) & _POLLIN:
+                                break
+                    elif sock is xpub:
+                        self._read_subscriptions()
+                    else:
+                        self._waker.drain()
                 if self._outbox:
                     self._flush_outbox()
-                now = time.monotonic()
-                self.locks.expire(now)
-                if now >= next_liveness:
-                    self._check_sessions()
-                    next_liveness = now + _LIVENESS_PERIOD
-                    if self._outbox:
-                        self._flush_outbox()
         except Exception:  # pragma: no cover - a bug; keep the traceback
             log.exception("zkv owner poller thread crashed")
             raise
@@ -244,14 +252,6 @@ class Server:
             self._router.close(0)
             self._xpub.close(int(self.options.linger * 1000))
             self._ctx.term()
-
-    def _poll_timeout(self, next_liveness: float) -> int:
-        now = time.monotonic()
-        deadline = self.locks.expire(now)
-        nearest = next_liveness
-        if deadline is not None:
-            nearest = min(nearest, deadline)
-        return max(0, int((nearest - now) * 1000) + 1)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:
@@ -285,7 +285,7 @@ class Server:
                before: int) -> None:
         header = wire.pack_reply(rid, status, before, self.state.version)
         try:
-            self._router.send_multipart([routing_id, header, *out], copy=False)
+            send_frames(self._router, [routing_id, header, *out])
         except zmq.ZMQError as exc:  # peer gone: its request dies with it
             log.debug("reply to %r dropped: %s", routing_id, exc)
 
