@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import zkv
-from zkv.testing import wait_for
 from zkv import endpoint as zkv_endpoint
+from zkv.testing import wait_for
 
 __all__ = ["OwnerProcess", "call_in_child", "owner_process", "socket_dirs_of"]
 
