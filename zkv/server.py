@@ -205,7 +205,7 @@ class Server:
     def _run(self) -> None:
         self._thread_id = threading.get_ident()
         router, xpub, wake_fd = self._router, self._xpub, self._waker.fd
-        items = [(router, _POLLIN), (xpub, _POLLIN), (wake_fd, _POLLIN)]
+        items: list[Any] = [(router, _POLLIN), (xpub, _POLLIN), (wake_fd, _POLLIN)]
         self._started.set()
         next_tick = time.monotonic() + _LIVENESS_PERIOD
         try:
@@ -236,7 +236,7 @@ class Server:
                             except zmq.Again:
                                 break
                             self._handle(frames)
-                            if not router.getsockopt(_EVENTS) & _POLLIN:
+                            if not router.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
                                 break
                     elif sock is xpub:
                         self._read_subscriptions()

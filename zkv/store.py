@@ -219,7 +219,7 @@ class Store(MutableMapping[str, Any]):
         """Remove every key, as one atomic step."""
         self._core.clear()
 
-    def update(self, other: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
+    def update(self, other: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),  # type: ignore[override]
                /, **kwargs: Any) -> None:
         """Like :meth:`dict.update`, as one atomic step in one round trip."""
         pairs = list(other.items() if isinstance(other, Mapping) else other)
