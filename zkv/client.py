@@ -22,6 +22,7 @@ checked depends on the transport (an *owner watch*, chosen once per connection):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -103,6 +104,7 @@ class TcpWatch:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, routing_id)
         sock.setsockopt(zmq.LINGER, int(options.linger * 1000))
+        sock.setsockopt(zmq.RCVTIMEO, int(_SLICE * 1000))  # HELLO waits in slices
         self._monitor = auth.monitor(sock, _CLIENT_EVENTS)
         sock.connect(address)
         self.session_socket: zmq.Socket[Any] | None = sock
@@ -179,7 +181,7 @@ class Connection:
         self._local = threading.local()
         self._sockets: dict[int, tuple[weakref.ref[threading.Thread], zmq.Socket[Any]]] = {}
         self._sockets_lock = threading.Lock()
-        self._next_socket = 0
+        self._socket_ids = itertools.count(1)
         self._closed = False
         self._lost = False
         self._busy: set[int] = set()  # threads inside request()
@@ -191,8 +193,9 @@ class Connection:
             if self._watch.session_socket is None:
                 status, reply = self.request(Op.HELLO, hello, timeout=timeout)
             else:
-                status, reply = self._exchange(self._watch.session_socket, 1, Op.HELLO, hello,
-                                               time.monotonic() + timeout, timeout)
+                status, reply, _before, _after = self._exchange(
+                    self._watch.session_socket, 1, Op.HELLO, hello, time.monotonic() + timeout,
+                    timeout)
             if status != Status.OK or not reply:
                 raise ProtocolError("the owner refused HELLO")
             info = wire.decode_json(reply[0])
@@ -232,16 +235,23 @@ class Connection:
             raise StoreClosedError("this connection belongs to the parent process")
         with self._sockets_lock:
             self._reap_dead_threads()
-            sock = self._ctx.socket(zmq.DEALER)
-            self._next_socket += 1
-            sock.setsockopt(zmq.ROUTING_ID,
-                            self._session + self._next_socket.to_bytes(4, "little"))
-            sock.setsockopt(zmq.LINGER, int(self.options.linger * 1000))
-            sock.setsockopt(zmq.SNDHWM, 1000)
-            sock.connect(self.address)
+            sock = self.open_socket()
             self._sockets[threading.get_ident()] = (weakref.ref(threading.current_thread()), sock)
         self._local.sock = sock
         self._local.rid = int.from_bytes(os.urandom(4), "little")
+        return sock
+
+    def open_socket(self, rcvhwm: int = 1000) -> zmq.Socket[Any]:
+        """A new DEALER connected to the owner, with a routing id of this session. The caller
+        owns it (and closes it before this connection closes)."""
+        sock = self._ctx.socket(zmq.DEALER)
+        number = next(self._socket_ids)
+        sock.setsockopt(zmq.ROUTING_ID, self._session + number.to_bytes(4, "little"))
+        sock.setsockopt(zmq.LINGER, int(self.options.linger * 1000))
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        sock.setsockopt(zmq.RCVTIMEO, int(_SLICE * 1000))
+        sock.connect(self.address)
         return sock
 
     def _reap_dead_threads(self) -> None:
@@ -272,6 +282,13 @@ class Connection:
         ``timeout`` defaults to the store's; ``float("inf")`` waits as long as the owner lives.
         Raises ZkvTimeoutError, OwnerGoneError, MessageTooLargeError or StoreClosedError.
         """
+        status, reply, _before, _after = self.request_versioned(op, frames, timeout)
+        return status, reply
+
+    def request_versioned(self, op: int, frames: Sequence[Frame], timeout: float | None = None
+                          ) -> tuple[int, list[Any], int, int]:
+        """Like :meth:`request`, also returning the store's change counter just before and
+        just after the owner applied the request (see :mod:`zkv.wire`)."""
         if self._lost:
             raise OwnerGoneError(f"the zkv owner at {self.address} is gone")
         sock = self._socket()
@@ -289,26 +306,30 @@ class Connection:
             self._busy.discard(me)
 
     def _exchange(self, sock: zmq.Socket[Any], rid: int, op: int, frames: Sequence[Frame],
-                  deadline: float, timeout: float) -> tuple[int, list[Any]]:
+                  deadline: float, timeout: float) -> tuple[int, list[Any], int, int]:
         self._send(sock, [wire.pack_header(rid, op), *frames], deadline)
         while True:
-            remaining = deadline - time.monotonic()
-            wait = _SLICE if remaining > _SLICE else max(remaining, 0.0)
-            if sock.poll(int(wait * 1000), zmq.POLLIN):
-                reply = sock.recv_multipart(copy=False)
-                try:
-                    got, status = wire.unpack_header(reply[0].bytes)
-                except ProtocolError:
-                    log.warning("dropped a malformed reply")
-                    continue
-                if got != rid:
-                    continue  # the late reply of a request that timed out
-                return status, [f.bytes if len(f) < _LARGE else f for f in reply[1:]]
-            self._check_owner()
-            if remaining <= 0:
-                raise ZkvTimeoutError(
-                    f"no reply from the zkv owner within {timeout}s ({Op(op).name}); "
-                    "the timeout is settable per store (timeout=...) or with ZKV_TIMEOUT")
+            try:
+                # Blocks at most _SLICE (the socket's RCVTIMEO). copy=True costs nothing more:
+                # every value is copied once when it is unpickled anyway.
+                reply = sock.recv_multipart()
+            except zmq.Again:
+                self._check_owner()
+                if time.monotonic() >= deadline:
+                    raise ZkvTimeoutError(
+                        f"no reply from the zkv owner within {timeout}s ({Op(op).name}); "
+                        "the timeout is settable per store (timeout=...) or with ZKV_TIMEOUT"
+                    ) from None
+                continue
+            try:
+                got, status, before, after = wire.unpack_reply(reply[0])
+            except ProtocolError:
+                log.warning("dropped a malformed reply")
+                continue
+            if got != rid:
+                continue  # the late reply of a request that timed out
+            del reply[0]
+            return status, reply, before, after
 
     def send(self, op: int, frames: Sequence[Frame]) -> None:
         """Send a one-way message (no reply). Blocks, up to the timeout, only while the owner
@@ -323,7 +344,7 @@ class Connection:
     def _send(self, sock: zmq.Socket[Any], frames: list[Frame], deadline: float) -> None:
         while True:
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                wire.send_frames(sock, frames)
                 return
             except zmq.Again:
                 pass
@@ -360,12 +381,10 @@ class Connection:
         if linger is None:
             linger = 0.0 if self._lost or not self.owner_alive() else self.options.linger
         if not self._lost and hasattr(self, "owner_pid"):
-            try:
-                if self._watch.session_socket is not None:
-                    self._watch.session_socket.send(wire.pack_header(0, Op.BYE), zmq.NOBLOCK)
-                else:
-                    self.send(Op.BYE, [])
-            except Exception:  # best effort: the owner also notices a dead process
+            try:  # best effort, never waiting: the owner also notices a dead process
+                sock = self._watch.session_socket or self._socket()
+                sock.send_multipart([wire.pack_header(0, Op.BYE)], zmq.NOBLOCK)
+            except Exception:
                 pass
         self._closed = True
         # Requests waiting in other threads notice within one slice and stop using their socket.

@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import threading
 import time
 from array import array
@@ -33,7 +34,7 @@ from .errors import EncodeError, ProtocolError
 from .locks import LockTable
 from .state import DELETE, Entry, State
 from .waker import Waker
-from .wire import Kind, Op, Status
+from .wire import Kind, Op, Status, send_frames
 
 __all__ = ["OWNER_SESSION", "Server"]
 
@@ -46,6 +47,9 @@ _LARGE = 64 * 1024
 _BATCH = 256  # requests handled per poll wake-up before looking at the other sockets
 _LIVENESS_PERIOD = 0.2  # seconds between checks that lock-holding clients are alive
 _SWEEP_EVERY = 25  # ticks between checks of every client session
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
 
 Reply = tuple[int, list[Frame]] | None
 Handler = Callable[[bytes, bytes, int, list[Any]], Reply]
@@ -66,6 +70,17 @@ class _Session:
 #: drops; failed handshakes are logged.
 _MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+class _Cacher:
+    """A client socket that caches reads: the key prefixes it caches and how many
+    invalidations it was sent."""
+
+    __slots__ = ("prefixes", "seq")
+
+    def __init__(self) -> None:
+        self.prefixes: list[bytes] = []
+        self.seq = 0
 
 
 class Server:
@@ -89,12 +104,16 @@ class Server:
         self._xpub = self._ctx.socket(zmq.XPUB)
         self._router.setsockopt(zmq.MAXMSGSIZE, options.max_message_size)
         self._router.setsockopt(zmq.RCVHWM, 0)
-        self._router.setsockopt(zmq.SNDHWM, 0)
+        # A peer that does not read (a caching client gone idle) loses messages past this,
+        # instead of making the owner buffer without bound; request sockets have at most one
+        # reply outstanding, so they never get near it.
+        self._router.setsockopt(zmq.SNDHWM, options.hwm)
         self._xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
         self._xpub.setsockopt(zmq.SNDHWM, options.hwm)
         self._xpub.setsockopt(zmq.LINGER, int(options.linger * 1000))
         self._zap: zmq.Socket[Any] | None = None  # tcp only: ZAP requests (RFC 27)
         self._monitor: zmq.Socket[Any] | None = None  # tcp only: the ROUTER's connection events
+        self._xpub_monitor: zmq.Socket[Any] | None = None  # tcp only: failed SUB handshakes
         self._auth: auth.Authenticator | None = None
         self._fd_sessions: dict[int, bytes] = {}  # tcp: HELLO connection -> session
         self._current: list[zmq.Frame] | None = None  # tcp: the request being handled
@@ -122,7 +141,7 @@ class Server:
         except BaseException:
             self._router.close()
             self._xpub.close()
-            for extra in (self._zap, self._monitor):
+            for extra in (self._zap, self._monitor, self._xpub_monitor):
                 if extra is not None:
                     extra.close()
             self._ctx.term()
@@ -138,6 +157,7 @@ class Server:
         self._ticks = 0
         self._subscriptions: collections.Counter[bytes] = collections.Counter()
         self._watch_topics: list[bytes] = []
+        self._cachers: dict[bytes, _Cacher] = {}
         self._seqs: dict[bytes, int] = {}
         self.refused = 0
         self._hostname = socket.gethostname()
@@ -164,6 +184,9 @@ class Server:
             Op.PING: self._ping,
             Op.BYE: self._bye,
             Op.STATS: self._stats,
+            Op.CACHE_WATCH: self._cache_watch,
+            Op.CACHE_UNWATCH: self._cache_unwatch,
+            Op.CACHE_SYNC: self._cache_sync,
         }
 
     def _secure(self, keys: auth.OwnerKeys) -> None:
@@ -181,6 +204,7 @@ class Server:
             sock.setsockopt(zmq.HEARTBEAT_IVL, beat)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * beat)
         self._monitor = auth.monitor(self._router, _MONITOR_EVENTS)
+        self._xpub_monitor = auth.monitor(self._xpub, _MONITOR_EVENTS & ~zmq.EVENT_DISCONNECTED)
         self._handle = self._handle_remote  # type: ignore[method-assign]
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -219,48 +243,52 @@ class Server:
 
     def _run(self) -> None:
         self._thread_id = threading.get_ident()
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._xpub, zmq.POLLIN)
-        poller.register(self._waker.fd, zmq.POLLIN)
-        router, xpub, wake_r = self._router, self._xpub, self._waker.fd
-        zap, monitor = self._zap, self._monitor
-        if zap is not None and monitor is not None:
-            poller.register(zap, zmq.POLLIN)
-            poller.register(monitor, zmq.POLLIN)
+        router, xpub, wake_fd = self._router, self._xpub, self._waker.fd
+        items: list[Any] = [(router, _POLLIN), (xpub, _POLLIN), (wake_fd, _POLLIN)]
+        if self._zap is not None:  # tcp
+            items += [(self._zap, _POLLIN), (self._monitor, _POLLIN),
+                      (self._xpub_monitor, _POLLIN)]
         self._started.set()
-        next_liveness = time.monotonic() + _LIVENESS_PERIOD
+        next_tick = time.monotonic() + _LIVENESS_PERIOD
         try:
             while not self._stopping:
-                timeout = self._poll_timeout(next_liveness)
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._check_sessions()
+                    self.locks.expire(now)
+                    next_tick = now + _LIVENESS_PERIOD
+                    if self._outbox:
+                        self._flush_outbox()
+                timeout = next_tick - now
+                if self.locks.waiting:
+                    nearest = self.locks.expire(now)
+                    if nearest is not None:
+                        timeout = min(timeout, nearest - now)
                 try:
-                    ready = dict(poller.poll(timeout))
+                    ready = zmq.zmq_poll(items, max(0, int(timeout * 1000) + 1))
                 except zmq.ZMQError as exc:  # pragma: no cover - EINTR and the like
                     log.debug("poll failed: %s", exc)
                     continue
-                if router in ready:
-                    for _ in range(_BATCH):
-                        try:
-                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._handle(frames)
-                if xpub in ready:
-                    self._read_subscriptions()
-                if wake_r in ready:
-                    self._waker.drain()
-                if zap is not None and (zap in ready or monitor in ready):
-                    self._answer_zap()
-                    self._read_monitor()
+                for sock, _events in ready:
+                    if sock is router:
+                        # Serve what is queued, checking for more without raising Again.
+                        for _ in range(_BATCH):
+                            try:
+                                frames = router.recv_multipart(_NOBLOCK, copy=False)
+                            except zmq.Again:
+                                break
+                            self._handle(frames)
+                            if not router.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+                                break
+                    elif sock is xpub:
+                        self._read_subscriptions()
+                    elif sock is wake_fd:
+                        self._waker.drain()
+                    else:  # tcp: a ZAP request or a connection event
+                        self._answer_zap()
+                        self._read_monitor()
                 if self._outbox:
                     self._flush_outbox()
-                now = time.monotonic()
-                self.locks.expire(now)
-                if now >= next_liveness:
-                    self._check_sessions()
-                    next_liveness = now + _LIVENESS_PERIOD
-                    if self._outbox:
-                        self._flush_outbox()
         except Exception:  # pragma: no cover - a bug; keep the traceback
             log.exception("zkv owner poller thread crashed")
             raise
@@ -268,18 +296,10 @@ class Server:
             self.state.on_change = None
             self._router.close(0)
             self._xpub.close(int(self.options.linger * 1000))
-            for extra in (self._monitor, self._zap):
+            for extra in (self._monitor, self._xpub_monitor, self._zap):
                 if extra is not None:
                     extra.close(0)
             self._ctx.term()
-
-    def _poll_timeout(self, next_liveness: float) -> int:
-        now = time.monotonic()
-        deadline = self.locks.expire(now)
-        nearest = next_liveness
-        if deadline is not None:
-            nearest = min(nearest, deadline)
-        return max(0, int((nearest - now) * 1000) + 1)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:
@@ -293,10 +313,11 @@ class Server:
             return
         handler = self._handlers.get(op)
         session = routing_id[:8]
+        before = self.state.version
         if handler is None:
             self._refuse(f"unknown operation {op}")
             self._reply(routing_id, rid, Status.ERROR,
-                        wire.encode_error(ProtocolError(f"unknown operation {op}")))
+                        wire.encode_error(ProtocolError(f"unknown operation {op}")), before)
             return
         args = [f.bytes if len(f) < _LARGE else f for f in frames[2:]]
         try:
@@ -306,7 +327,7 @@ class Server:
                 self._refuse(f"{Op(op).name}: {exc}")
             result = (Status.ERROR, wire.encode_error(exc))
         if result is not None:
-            self._reply(routing_id, rid, result[0], result[1])
+            self._reply(routing_id, rid, result[0], result[1], before)
 
     def _handle_remote(self, frames: list[zmq.Frame]) -> None:
         """:meth:`_handle` for tcp: keeps the frames in reach of HELLO, which records the
@@ -317,10 +338,11 @@ class Server:
         finally:
             self._current = None
 
-    def _reply(self, routing_id: bytes, rid: int, status: int, out: list[Frame]) -> None:
+    def _reply(self, routing_id: bytes, rid: int, status: int, out: list[Frame],
+               before: int) -> None:
+        header = wire.pack_reply(rid, status, before, self.state.version)
         try:
-            self._router.send_multipart([routing_id, wire.pack_header(rid, status), *out],
-                                        copy=False)
+            send_frames(self._router, [routing_id, header, *out])
         except zmq.ZMQError as exc:  # peer gone: its request dies with it
             log.debug("reply to %r dropped: %s", routing_id, exc)
 
@@ -343,8 +365,9 @@ class Server:
     def _read_monitor(self) -> None:
         """End the sessions whose HELLO connection dropped (the client died, closed, or
         stopped answering heartbeats: its locks are released); log failed handshakes."""
-        assert self._monitor is not None
-        for event, value in auth.drain_events(self._monitor):
+        assert self._monitor is not None and self._xpub_monitor is not None
+        events = auth.drain_events(self._monitor) + auth.drain_events(self._xpub_monitor)
+        for event, value in events:
             if event == zmq.EVENT_DISCONNECTED:
                 session = self._fd_sessions.pop(value, None)
                 if session is not None and session in self._sessions:
@@ -380,7 +403,7 @@ class Server:
 
     def _update_watch_hook(self) -> None:
         self._watch_topics = [t for t in self._subscriptions if t[:1] == b"k"]
-        hook = self._on_change if self._watch_topics else None
+        hook = self._on_change if self._watch_topics or self._cachers else None
         if self.state.on_change is not hook:
             with self.state.lock:
                 self.state.on_change = hook
@@ -421,7 +444,16 @@ class Server:
                                   copy=False)
 
     def _change_event(self, kind: int, key: str, entry: Entry | None, version: int) -> None:
-        topic = b"k" + wire.key_bytes(key) + b"\0"
+        name = wire.key_bytes(key)
+        for routing_id, cacher in self._cachers.items():
+            if any(name.startswith(p) for p in cacher.prefixes):
+                cacher.seq += 1  # counted even if dropped: the client sees the gap
+                header = wire.pack_reply(0, Status.INVALIDATE, cacher.seq, version)
+                try:
+                    self._router.send_multipart([routing_id, header, name], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        topic = b"k" + name + b"\0"
         if not any(topic.startswith(t) for t in self._watch_topics):
             return
         frames: list[Frame] = []
@@ -454,6 +486,9 @@ class Server:
         if info is not None and info.fd is not None and self._fd_sessions.get(info.fd) == session:
             del self._fd_sessions[info.fd]
         self.locks.drop_session(session)
+        for routing_id in [r for r in self._cachers if r.startswith(session)]:
+            del self._cachers[routing_id]
+        self._update_watch_hook()
 
     # -- request handlers: (session, routing_id, rid, args) -> (status, frames) or None ----------
 
@@ -568,7 +603,8 @@ class Server:
 
     def _modify(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         key, fn, default = _sections(args, 3, "MODIFY")
-        entry = self.state.modify(wire.key_str(key[0]), codec.loads(fn), codec.loads(default))
+        entry = self.state.modify(wire.key_str(key[0]), codec.loads(fn), codec.loads(default),
+                                  travel=True)
         return Status.OK, entry.wire()
 
     def _incr(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
@@ -601,8 +637,10 @@ class Server:
         return (Status.OK if done else Status.NONE), []
 
     def _transact(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
-        result = self.state.transact(codec.loads(args))
-        return Status.OK, codec.dumps(result)
+        fn = codec.loads(args)
+        # The result is pickled inside the transaction: if it cannot travel, nothing changes.
+        frames = self.state.transact(lambda view: codec.dumps(fn(view)), travel=True)
+        return Status.OK, frames
 
     def _lock(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         if len(args) != 3:
@@ -616,7 +654,8 @@ class Server:
 
         def grant(granted: bool) -> None:
             status = Status.OK if granted else Status.NONE
-            self.post(("reply", [routing_id, wire.pack_header(rid, status)]))
+            version = self.state.version
+            self.post(("reply", [routing_id, wire.pack_reply(rid, status, version, version)]))
 
         got = self.locks.acquire(name, session, token, deadline, grant)
         if got is None:
@@ -660,6 +699,31 @@ class Server:
     def _stats(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         return Status.OK, [wire.encode_json(self.stats())]
 
+    def _cache_watch(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]
+                     ) -> Reply:
+        if session not in self._sessions:
+            raise ProtocolError("CACHE_WATCH from a session that did not say HELLO")
+        cacher = self._cachers.setdefault(routing_id, _Cacher())
+        cacher.prefixes.extend(bytes(a) for a in args if bytes(a) not in cacher.prefixes)
+        self._update_watch_hook()
+        return Status.OK, [_SEQ.pack(cacher.seq)]
+
+    def _cache_unwatch(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]
+                       ) -> Reply:
+        cacher = self._cachers.get(routing_id)
+        if cacher is not None:
+            gone = {bytes(a) for a in args}
+            cacher.prefixes = [p for p in cacher.prefixes if args and p not in gone]
+            if not cacher.prefixes:
+                del self._cachers[routing_id]
+            self._update_watch_hook()
+        return Status.OK, []
+
+    def _cache_sync(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]
+                    ) -> Reply:
+        cacher = self._cachers.get(routing_id)
+        return Status.OK, [_SEQ.pack(0 if cacher is None else cacher.seq)]
+
     def _bye(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         if session in self._sessions:
             log.info("zkv session %s: BYE", session.hex())
@@ -667,7 +731,9 @@ class Server:
         return None
 
 
-_NOT_PIPELINED = frozenset({Op.HELLO, Op.PIPELINE, Op.LOCK, Op.PUBLISH, Op.BYE})
+_NOT_PIPELINED = frozenset({Op.HELLO, Op.PIPELINE, Op.LOCK, Op.PUBLISH, Op.BYE,
+                            Op.CACHE_WATCH, Op.CACHE_UNWATCH, Op.CACHE_SYNC})
+_SEQ = struct.Struct("<Q")
 
 
 def _sections(args: list[Any], count: int, what: str) -> list[Sequence[Frame]]:
