@@ -253,6 +253,15 @@ class TestTcpStore:
                 child.join()
         assert tcp_owner["count"] == 6 and tcp_owner["locked-by-child"] is True
 
+    def test_read_cache_is_invalidated_over_tcp(self, tcp_owner: zkv.Store, keys: Path) -> None:
+        with zkv.connect(tcp_owner.endpoint, keys=keys / "alice") as kv:
+            kv.enable_cache("cfg.")
+            tcp_owner["cfg.rate"] = 1
+            assert kv["cfg.rate"] == 1 and kv["cfg.rate"] == 1
+            tcp_owner["cfg.rate"] = 2
+            wait_for(lambda: kv["cfg.rate"] == 2, what="the invalidation arrived")
+            assert kv.cache_info()["hits"] >= 1
+
     def test_children_inherit_endpoint_and_keys(self, tcp_owner: zkv.Store, keys: Path) -> None:
         assert os.environ["ZKV_ENDPOINT"] == tcp_owner.endpoint
         assert os.environ["ZKV_KEYS"] == str(keys)
@@ -362,6 +371,10 @@ class TestZkvServe:
         proc, announced = _zkv_serve("--bind", LOOPBACK, "--keys", str(keys))
         try:
             assert announced["ZKV_KEYS"] == str(keys / "client")
+            server_key = zmq.auth.load_certificate(keys / "server.key")[0]
+            with pytest.raises(zkv.AuthenticationError):
+                zkv.connect(announced["ZKV_ENDPOINT"],
+                            keys=ClientKeys(server_key, *zmq.curve_keypair()))
             with zkv.connect(announced["ZKV_ENDPOINT"], keys=announced["ZKV_KEYS"]) as kv:
                 kv["a"] = [1, 2]
                 with kv.subscribe("c") as sub:
@@ -372,6 +385,7 @@ class TestZkvServe:
             _out, err = proc.communicate(timeout=30)
             assert proc.returncode == 0, err
             assert "HELLO" in err and "BYE" in err and "closed" in err
+            assert "refused a connection from 127.0.0.1" in err
             with pytest.raises(zkv.NoOwnerError):
                 zkv.connect(announced["ZKV_ENDPOINT"], keys=announced["ZKV_KEYS"])
         finally:
