@@ -69,6 +69,11 @@ def _notes(case: CaseResult) -> str:
         parts.append(f"sent {sent:,.0f}, received {case.extra_total('received') or 0:,.0f}, "
                      f"dropped {case.extra_total('dropped') or 0:,.0f}, "
                      f"lost silently {case.extra_total('silent') or 0:,.0f}")
+    ops, seconds = case.extra_total("ops"), case.extra_total("seconds")
+    if ops and seconds:
+        p99 = max(rep.extra.get("p99", math.nan) for rep in case.reps)
+        parts.append(f"mean latency {format_seconds(seconds / ops)}, worst p99 "
+                     f"{format_seconds(p99)}")
     unseen = case.extra_total("unseen")
     if unseen:
         parts.append(f"{unseen:,.0f} writes overtaken before they were read")
@@ -120,7 +125,9 @@ def _case_json(row: RowResult, case: CaseResult) -> dict[str, Any]:
         speed = row.speed(case)
         out.update(median=case.median(), p99=case.p99(), speed=speed,
                    zkv_speedup=row.ratio(case), display=figure(row, case)[0])
-    out["reps"] = [{"values": list(rep.values), "extra": rep.extra} for rep in case.reps]
+    out["reps"] = [{"values": list(rep.values), "extra": rep.extra,
+                    **({} if rep.raw is None else {"raw": list(rep.raw)})}
+                   for rep in case.reps]
     return out
 
 

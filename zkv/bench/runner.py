@@ -63,7 +63,8 @@ class Settings:
     large_ops: int          # operations per repetition for large values
     large_mb: int           # the "large" value (64 MB; smaller in smoke runs)
     batch_s: float          # seconds per repetition of a batch loop
-    pub_s: float            # seconds of publishing per throughput repetition
+    pub_msgs: int           # messages per throughput repetition ...
+    pub_s: float            # ... or this many seconds of publishing, whichever comes first
     pub_latency_msgs: int   # messages per latency repetition (paced)
     clients_s: float        # seconds per repetition of the aggregate throughput
     busy_s: float           # seconds per repetition of the busy-owner test
@@ -72,19 +73,19 @@ class Settings:
     @classmethod
     def full(cls) -> Settings:
         return cls("full", reps=7, latency_s=0.5, min_ops=200, large_ops=3, large_mb=64,
-                   batch_s=0.5, pub_s=0.5, pub_latency_msgs=400, clients_s=0.5, busy_s=0.5,
+                   batch_s=0.5, pub_msgs=30_000, pub_s=1.5, pub_latency_msgs=400, clients_s=0.5, busy_s=0.5,
                    staleness_writes=100)
 
     @classmethod
     def quick(cls) -> Settings:
         return cls("quick", reps=3, latency_s=0.1, min_ops=50, large_ops=1, large_mb=64,
-                   batch_s=0.1, pub_s=0.15, pub_latency_msgs=60, clients_s=0.15, busy_s=0.15,
+                   batch_s=0.1, pub_msgs=5000, pub_s=0.3, pub_latency_msgs=60, clients_s=0.15, busy_s=0.15,
                    staleness_writes=30)
 
     @classmethod
     def smoke(cls) -> Settings:
         return cls("smoke", reps=1, latency_s=0.01, min_ops=5, large_ops=1, large_mb=2,
-                   batch_s=0.01, pub_s=0.03, pub_latency_msgs=5, clients_s=0.03, busy_s=0.03,
+                   batch_s=0.01, pub_msgs=200, pub_s=0.03, pub_latency_msgs=5, clients_s=0.03, busy_s=0.03,
                    staleness_writes=3)
 
     def with_reps(self, reps: int | None) -> Settings:
@@ -93,10 +94,12 @@ class Settings:
 
 @dataclasses.dataclass
 class Rep:
-    """One repetition's samples, and counters worth reporting (drops, losses)."""
+    """One repetition's samples, counters worth reporting (drops, losses), and the raw
+    samples a derived figure came from (kept in the JSON)."""
 
     values: Sequence[float]
     extra: dict[str, float] = dataclasses.field(default_factory=dict)
+    raw: Sequence[float] | None = None  # underlying samples, when values are derived
 
 
 @dataclasses.dataclass

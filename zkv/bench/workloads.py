@@ -177,12 +177,13 @@ def _wait_until(moment: float) -> None:
 
 def latency_loop(agent: Agent, spec: Spec, op: str, key: str, value: tuple[str, int],
                  duration: float, min_ops: int, chunk: int = 1,
-                 start_at: float | None = None) -> array[float]:
+                 start_at: float | None = None, warm: bool = True) -> array[float]:
     """Seconds per operation, timed per ``chunk`` operations, for ``duration`` seconds (and
-    at least ``min_ops`` operations)."""
+    at least ``min_ops`` operations). ``warm``: one untimed call first."""
     kv = open_kv(agent, spec)
     call = _operation(kv, op, key, make_value(*value))
-    call()  # connected and warm
+    if warm:
+        call()
     if start_at is not None:
         _wait_until(start_at)
     clock = time.perf_counter
