@@ -45,7 +45,7 @@ __all__ = [
 _F64 = struct.Struct("<d")
 
 
-# -- servers (each runs in its own process) ----------------------------------------------------------
+# -- servers (each runs in its own process) --------------------------------------------------------
 
 def echo_server(address: str, ready: multiprocessing.connection.Connection) -> None:
     """A ROUTER at ``address`` until it receives ``[b"q"]``."""
@@ -101,7 +101,7 @@ def pipe_server(conn: multiprocessing.connection.Connection) -> None:
         conn.close()
 
 
-# -- key-value clients --------------------------------------------------------------------------------
+# -- key-value clients -----------------------------------------------------------------------------
 
 class EchoKV:
     """A DEALER to :func:`echo_server`. ``get`` hands back ``bytes`` (one copy out of the
@@ -224,7 +224,7 @@ class LockedDict:
             self._d[key] = value
 
 
-# -- publish / subscribe --------------------------------------------------------------------------
+# -- publish / subscribe ---------------------------------------------------------------------------
 #
 # Every message carries one float (a counter, or a send time); a negative one is the marker
 # that ends a repetition. Subscribers return ``(value, seq)`` or None on timeout; ``seq`` is

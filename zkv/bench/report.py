@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -154,9 +153,9 @@ def plot(results: Sequence[RowResult], path: str, machine: dict[str, Any]) -> st
     """Draw zkv's speed relative to each alternative (log scale, targets marked) to
     ``path``. Returns None, or why no chart was drawn (matplotlib missing)."""
     try:
-        import matplotlib
+        import matplotlib  # type: ignore[import-not-found,unused-ignore]
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         return "matplotlib is not installed (pip install 'zkv[plot]'): no chart drawn"
     labels: list[str] = []
@@ -178,7 +177,7 @@ def plot(results: Sequence[RowResult], path: str, machine: dict[str, Any]) -> st
     ys = list(range(len(ratios)))[::-1]
     colors = ["#2a9d55" if r >= 1 else "#d0743c" for r in ratios]
     ax.barh(ys, ratios, color=colors, height=0.7)
-    for y, mark in zip(ys, marks):
+    for y, mark in zip(ys, marks, strict=True):
         if mark is not None:
             ax.plot([mark, mark], [y - 0.42, y + 0.42], color="black", linewidth=2)
     ax.set_xscale("log")

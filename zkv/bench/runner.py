@@ -22,14 +22,14 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO
+from typing import TextIO
 
 from .agents import AgentError, NotAvailable
 
 __all__ = [
     "OK",
-    "CaseResult",
     "Case",
+    "CaseResult",
     "Progress",
     "Rep",
     "Row",
@@ -73,20 +73,20 @@ class Settings:
     @classmethod
     def full(cls) -> Settings:
         return cls("full", reps=7, latency_s=0.5, min_ops=200, large_ops=3, large_mb=64,
-                   batch_s=0.5, pub_msgs=30_000, pub_s=1.5, pub_latency_msgs=400, clients_s=0.5, busy_s=0.5,
-                   staleness_writes=100)
+                   batch_s=0.5, pub_msgs=30_000, pub_s=1.5, pub_latency_msgs=400,
+                   clients_s=0.5, busy_s=0.5, staleness_writes=100)
 
     @classmethod
     def quick(cls) -> Settings:
         return cls("quick", reps=3, latency_s=0.1, min_ops=50, large_ops=1, large_mb=64,
-                   batch_s=0.1, pub_msgs=5000, pub_s=0.3, pub_latency_msgs=60, clients_s=0.15, busy_s=0.15,
-                   staleness_writes=30)
+                   batch_s=0.1, pub_msgs=5000, pub_s=0.3, pub_latency_msgs=60,
+                   clients_s=0.15, busy_s=0.15, staleness_writes=30)
 
     @classmethod
     def smoke(cls) -> Settings:
         return cls("smoke", reps=1, latency_s=0.01, min_ops=5, large_ops=1, large_mb=2,
-                   batch_s=0.01, pub_msgs=200, pub_s=0.03, pub_latency_msgs=5, clients_s=0.03, busy_s=0.03,
-                   staleness_writes=3)
+                   batch_s=0.01, pub_msgs=200, pub_s=0.03, pub_latency_msgs=5,
+                   clients_s=0.03, busy_s=0.03, staleness_writes=3)
 
     def with_reps(self, reps: int | None) -> Settings:
         return self if not reps else dataclasses.replace(self, reps=reps)
@@ -283,7 +283,7 @@ def _fail(result: CaseResult, exc: BaseException) -> None:
 def run_row(row: Row, settings: Settings, progress: Progress, index: int) -> RowResult:
     """Warm up, then run ``settings.reps`` interleaved repetitions of every case of ``row``."""
     results = [CaseResult(c.subject) for c in row.cases]
-    for case, result in zip(row.cases, results):
+    for case, result in zip(row.cases, results, strict=True):
         if case.skip is not None or case.run is None:
             result.status, result.reason = SKIPPED, case.skip or "no measurement"
     try:
@@ -294,7 +294,7 @@ def run_row(row: Row, settings: Settings, progress: Progress, index: int) -> Row
             if result.status == OK:
                 _fail(result, exc)
         return RowResult(row, results)
-    live = [(c, r) for c, r in zip(row.cases, results) if r.status == OK]
+    live = [(c, r) for c, r in zip(row.cases, results, strict=True) if r.status == OK]
     for rep in range(-1, settings.reps):  # -1: the warm-up, not kept
         for case, result in live:
             if result.status != OK:
@@ -323,10 +323,3 @@ def run_rows(rows: Sequence[Row], settings: Settings,
     progress.clear()
     return out
 
-
-def describe_exception(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def summary(result: CaseResult) -> dict[str, Any]:
-    return {"median": result.median(), "p99": result.p99()} if result.ok else {}

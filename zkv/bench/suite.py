@@ -283,7 +283,7 @@ class Lab:
 
     def _child_small(self, op: str) -> Row:
         s = self.settings
-        lat = dict(duration=s.latency_s, min_ops=s.min_ops)
+        lat: dict[str, Any] = dict(duration=s.latency_s, min_ops=s.min_ops)
         key = "small"
         cases = [
             Case(ZKV, self._latency(self.zkv(), op, key, SMALL, **lat)),
@@ -400,7 +400,7 @@ class Lab:
 
     def _cached(self) -> Row:
         s = self.settings
-        lat = dict(duration=s.latency_s, min_ops=s.min_ops * 10, chunk=10)
+        lat: dict[str, Any] = dict(duration=s.latency_s, min_ops=s.min_ops * 10, chunk=10)
         key = "small"
         return Row(
             id="cached_get", title="child cached get, same key", metric="latency", unit="",

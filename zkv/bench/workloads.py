@@ -158,7 +158,7 @@ def _operation(kv: Any, op: str, key: str, value: Any) -> Callable[[], Any]:
     raise ValueError(f"unknown operation {op!r}")
 
 
-# -- loops run by agents -----------------------------------------------------------------------------
+# -- loops run by agents ---------------------------------------------------------------------------
 
 def prepare(agent: Agent, spec: Spec, items: list[tuple[str, str, int]]) -> None:
     """Set each ``(key, kind, size)`` to :func:`make_value` ``(kind, size)``."""
@@ -307,7 +307,7 @@ def staleness_reader(agent: Agent, spec: Spec, key: str, final: int,
     return out
 
 
-# -- loops run by the main process -------------------------------------------------------------------
+# -- loops run by the main process -----------------------------------------------------------------
 
 def local_loop(call: Callable[[], Any], duration: float, min_ops: int,
                chunk: int = 100) -> array[float]:
