@@ -19,9 +19,12 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from . import report
 from .machine import describe, format_machine
@@ -52,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     settings = Settings.smoke() if args.smoke else Settings.quick() if args.quick \
@@ -65,6 +72,22 @@ def main(argv: Sequence[str] | None = None) -> int:
               "subject, medians)")
         print(format_machine(machine))
         print(flush=True)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a timeout, a CI cancel) unwinds like Ctrl-C: every helper is stopped.
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _run(args, settings, machine, progress, started)
+    except KeyboardInterrupt:
+        progress.note("interrupted; every helper process was stopped")
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace, settings: Settings, machine: dict[str, Any],
+         progress: Progress, started: float) -> int:
     with Lab(settings, progress) as lab:
         rows = lab.rows()
         if args.list:
@@ -86,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(report.to_json(results, machine, settings, elapsed, SUBJECTS), f)
         print(f"raw samples: {args.json}")
     if args.plot:
-        why_not = report.plot(results, args.plot, machine)
+        why_not = report.plot(results, args.plot, machine, settings.mode)
         print(f"chart: {args.plot}" if why_not is None else f"chart skipped: {why_not}")
     failed = [f"{r.row.id}/{c.subject}" for r in results for c in r.cases if c.status == "error"]
     if failed:

@@ -15,20 +15,39 @@ repetitions measure warm connections.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["Agent", "AgentError", "Agents", "NotAvailable"]
+__all__ = ["ABORT", "Agent", "AgentError", "Agents", "NotAvailable", "detach"]
+
+#: Sent by :meth:`Agents.abandon`: a function waiting for something should return early.
+ABORT = "abort"
 
 _READY = "ready"
 _OK = "ok"
 _ERROR = "error"
 _NOT_AVAILABLE = "na"
+
+
+def detach() -> None:
+    """For the benchmark's helper processes: ignore Ctrl-C (the main process handles it and
+    stops them), die at once on SIGTERM (not the main process's handler, inherited through
+    fork), and, on Linux, die with the main process if it is killed outright."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class NotAvailable(Exception):
@@ -65,6 +84,10 @@ class Agent:
             return self._conn.recv()
         return None
 
+    def aborted(self) -> bool:
+        """Whether the main process gave up on the current call (:meth:`Agents.abandon`)."""
+        return bool(self.message() == ABORT)
+
     def client(self, key: Any, make: Callable[[], Any]) -> Any:
         """The client cached under ``key``, made by ``make()`` on first use."""
         found = self.clients.get(key)
@@ -83,6 +106,7 @@ class Agent:
 
 def _agent_main(index: int, conn: multiprocessing.connection.Connection,
                 resources: dict[str, Any]) -> None:
+    detach()
     agent = Agent(index, conn, resources)
     try:
         while True:
@@ -92,6 +116,8 @@ def _agent_main(index: int, conn: multiprocessing.connection.Connection,
                 return
             if request is None:
                 return
+            if request == ABORT:  # for a call that already ended
+                continue
             fn, kwargs = request
             try:
                 result = fn(agent, **kwargs)
@@ -217,6 +243,30 @@ class Agents:
             self.broken = f"agent {i} took too long {what}"
             self._busy = []
             raise AgentError(self.broken)
+
+    def abandon(self, timeout: float = 30.0) -> None:
+        """Give up on the current call: tell its agents to stop waiting, and collect and
+        discard what they send back. Agents that do not answer make the pool unusable."""
+        if not self._busy:
+            return
+        self.tell(ABORT)
+        try:
+            self.results(timeout)
+        except (AgentError, NotAvailable):
+            pass
+        finally:
+            self._busy = []
+
+    @contextlib.contextmanager
+    def session(self, fn: Callable[..., Any], kwargs: list[dict[str, Any]]) -> Iterator[Agents]:
+        """:meth:`start` a call for the main process to take part in; if the block raises,
+        the call is :meth:`abandon`-ed, so the next call finds the agents free."""
+        self.start(fn, kwargs)
+        try:
+            yield self
+        except BaseException:
+            self.abandon()
+            raise
 
     def call(self, fn: Callable[..., Any], kwargs: list[dict[str, Any]],
              timeout: float = 120.0) -> list[Any]:

@@ -26,6 +26,8 @@ from typing import Any
 
 import zmq
 
+from .agents import detach
+
 __all__ = [
     "EchoKV",
     "LockedDict",
@@ -49,6 +51,7 @@ _F64 = struct.Struct("<d")
 
 def echo_server(address: str, ready: multiprocessing.connection.Connection) -> None:
     """A ROUTER at ``address`` until it receives ``[b"q"]``."""
+    detach()
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -81,6 +84,7 @@ def echo_server(address: str, ready: multiprocessing.connection.Connection) -> N
 def pipe_server(conn: multiprocessing.connection.Connection) -> None:
     """Answers ``("e", x)`` with ``x``, ``("g", key)`` with the value, ``("s", key, value)``
     with None, until it receives None or the pipe closes."""
+    detach()
     values: dict[str, Any] = {}
     try:
         while True:

@@ -3,14 +3,24 @@ persistence, no TCP port; stopped and removed afterwards."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 from typing import Any
 
 __all__ = ["RedisServer", "RedisUnavailable"]
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
 
 
 class RedisUnavailable(Exception):
@@ -43,8 +53,12 @@ class RedisServer:
         args = [path, "--save", "", "--appendonly", "no", "--port", "0",
                 "--unixsocket", self.socket_path, "--unixsocketperm", "700",
                 "--dir", self._dir, "--daemonize", "no", "--loglevel", "warning"]
+        # Its own session: a Ctrl-C meant for the benchmark does not kill it mid-run; and it
+        # dies with the benchmark if that is killed outright. (preexec_fn is safe here: the
+        # benchmark starts Redis before it has any thread.)
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                                      stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                      start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + self.timeout
         last: Exception | None = None
         while time.monotonic() < deadline:

@@ -149,7 +149,8 @@ def to_json(results: Sequence[RowResult], machine: dict[str, Any], settings: Set
             "subjects": subjects, "rows": rows}
 
 
-def plot(results: Sequence[RowResult], path: str, machine: dict[str, Any]) -> str | None:
+def plot(results: Sequence[RowResult], path: str, machine: dict[str, Any],
+         mode: str = "") -> str | None:
     """Draw zkv's speed relative to each alternative (log scale, targets marked) to
     ``path``. Returns None, or why no chart was drawn (matplotlib missing)."""
     try:
@@ -172,22 +173,33 @@ def plot(results: Sequence[RowResult], path: str, machine: dict[str, Any]) -> st
             marks.append(thresholds.get(case.subject))
     if not ratios:
         return "no comparison to draw"
-    height = 0.28 * len(ratios) + 1.6
-    fig, ax = plt.subplots(figsize=(10, height))
+    height = 0.26 * len(ratios) + 1.8
+    fig, ax = plt.subplots(figsize=(11, height))
     ys = list(range(len(ratios)))[::-1]
     colors = ["#2a9d55" if r >= 1 else "#d0743c" for r in ratios]
-    ax.barh(ys, ratios, color=colors, height=0.7)
-    for y, mark in zip(ys, marks, strict=True):
+    # Bars grow from 1: to the right where zkv is faster, to the left where it is slower.
+    ax.barh(ys, [r - 1 for r in ratios], left=1.0, color=colors, height=0.7)
+    for y, ratio, mark in zip(ys, ratios, marks, strict=True):
         if mark is not None:
-            ax.plot([mark, mark], [y - 0.42, y + 0.42], color="black", linewidth=2)
+            ax.plot([mark, mark], [y - 0.45, y + 0.45], color="black", linewidth=2)
+        ax.text(ratio * (1.06 if ratio >= 1 else 1 / 1.06), y, f"{ratio:.2g}x",
+                va="center", ha="left" if ratio >= 1 else "right", fontsize=6)
     ax.set_xscale("log")
+    low, high = min([*ratios, *(m for m in marks if m)]), max([*ratios, *(m for m in marks if m)])
+    ax.set_xlim(min(low, 1.0) / 2, max(high, 1.0) * 2)
+    ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500)
+             if min(low, 1.0) / 2 <= t <= max(high, 1.0) * 2]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}x" for t in ticks])
     ax.axvline(1.0, color="grey", linewidth=1)
     ax.set_yticks(ys)
     ax.set_yticklabels(labels, fontsize=7)
-    ax.set_xlabel("zkv speed / alternative's speed (log scale; > 1: zkv faster; "
-                  "black tick: target)")
-    ax.set_title(f"zkv bench: {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
-                 f"{machine.get('python', '')}", fontsize=9)
+    ax.set_ylim(-0.8, len(ratios) - 0.2)
+    ax.set_xlabel("zkv's speed / the alternative's (log scale; right of 1: zkv faster; "
+                  "black tick: the target)")
+    ax.set_title(f"zkv bench ({mode}): {machine.get('cpu', '?')}, {machine.get('cores', '?')} "
+                 f"cores, {machine.get('python', '')}, libzmq {machine.get('libzmq', '?')}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

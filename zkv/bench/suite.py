@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.managers
 import shutil
 import tempfile
 import time
@@ -18,7 +19,7 @@ from typing import Any
 
 from ..store import Store, serve
 from . import baselines, workloads
-from .agents import AgentError, Agents
+from .agents import AgentError, Agents, detach
 from .redis_server import RedisServer, RedisUnavailable
 from .runner import Case, Progress, Rep, Row, Settings, Target, percentile
 
@@ -58,6 +59,7 @@ BATCH = 1000
 
 def _standalone_owner(conn: multiprocessing.connection.Connection) -> None:
     """A zkv owner in a process of its own, until told to stop (or the pipe closes)."""
+    detach()
     with serve() as owner:
         conn.send(owner.endpoint)
         try:
@@ -135,7 +137,8 @@ class Lab:
         except RedisUnavailable as exc:
             self.redis_skip = str(exc)
 
-        manager = ctx.Manager()
+        manager = multiprocessing.managers.SyncManager(ctx=ctx)
+        manager.start(detach)
         self._later(manager.shutdown)
         self.manager_dict = manager.dict()
 
@@ -422,16 +425,16 @@ class Lab:
             writes = 2 if warmup else s.staleness_writes
             key = "stale"
             owner.set(key, 0)
-            self.agents.start(workloads.staleness_reader, [{
-                "spec": self.zkv(cached=True), "key": key, "final": writes,
-                "max_wait": writes * 0.02 + 10.0}])
-            self.agents.wait_ready()
-            written: dict[int, float] = {}
-            for i in range(1, writes + 1):
-                time.sleep(0.002)
-                owner.set(key, i)
-                written[i] = time.monotonic()
-            (seen,) = self.agents.results()
+            with self.agents.session(workloads.staleness_reader, [{
+                    "spec": self.zkv(cached=True), "key": key, "final": writes,
+                    "max_wait": writes * 0.02 + 10.0}]) as agents:
+                agents.wait_ready()
+                written: dict[int, float] = {}
+                for i in range(1, writes + 1):
+                    time.sleep(0.002)
+                    owner.set(key, i)
+                    written[i] = time.monotonic()
+                (seen,) = agents.results()
             if not seen or seen[-1][0] != writes:
                 raise AgentError("the cached reader never saw the last write (stale cache)")
             delays = [max(0.0, t - written[v]) for v, t in seen if v in written]
@@ -476,36 +479,36 @@ class Lab:
         channel = f"bench.{self._channel}"
         messages = 3 if warmup else s.pub_latency_msgs if latency else s.pub_msgs
         duration = 0.01 if warmup else s.pub_s
-        self.agents.start(workloads.subscriber_loop, [{
-            "spec": spec, "channel": channel, "hwm": HWM, "latency": latency,
-            "max_wait": duration + messages * 0.01 + 20.0}] * k)
-        self.agents.wait_ready()
-        publisher.wait_subscribers(channel, k)
-        publish = publisher.publish
-        clock = time.monotonic
-        sent = 0
-        t0 = clock()
-        if latency:
-            for _ in range(messages):
-                publish(channel, clock())
-                sent += 1
-                time.sleep(0.001)
-        else:
-            end = t0 + duration
-            while sent < messages:
-                publish(channel, float(sent))
-                sent += 1
-                if sent % 64 == 0 and clock() >= end:
-                    break
-        if publisher.reliable:
-            publish(channel, -1.0)
-        else:
-            deadline = clock() + 20.0
-            while True:
+        with self.agents.session(workloads.subscriber_loop, [{
+                "spec": spec, "channel": channel, "hwm": HWM, "latency": latency,
+                "max_wait": duration + messages * 0.01 + 20.0}] * k) as agents:
+            agents.wait_ready()
+            publisher.wait_subscribers(channel, k)
+            publish = publisher.publish
+            clock = time.monotonic
+            sent = 0
+            t0 = clock()
+            if latency:
+                for _ in range(messages):
+                    publish(channel, clock())
+                    sent += 1
+                    time.sleep(0.001)
+            else:
+                end = t0 + duration
+                while sent < messages:
+                    publish(channel, float(sent))
+                    sent += 1
+                    if sent % 64 == 0 and clock() >= end:
+                        break
+            if publisher.reliable:
                 publish(channel, -1.0)
-                if self.agents.done(0.01) or clock() > deadline:
-                    break
-        results = self.agents.results()
+            else:
+                deadline = clock() + 20.0
+                while True:
+                    publish(channel, -1.0)
+                    if agents.done(0.01) or clock() > deadline:
+                        break
+            results = agents.results()
         received = dropped = silent = 0
         rates = []
         delays: list[float] = []
@@ -555,12 +558,12 @@ class Lab:
             def run(warmup: bool) -> Rep:
                 duration = 0.02 if warmup else s.busy_s
                 start_at = time.monotonic() + 0.05
-                self.agents.start(workloads.latency_loop, [{
-                    "spec": spec, "op": "get", "key": key, "value": SMALL,
-                    "duration": duration, "min_ops": 1, "start_at": start_at}])
-                if busy:
-                    _busy_until(start_at + duration)
-                (samples,) = self.agents.results()
+                with self.agents.session(workloads.latency_loop, [{
+                        "spec": spec, "op": "get", "key": key, "value": SMALL,
+                        "duration": duration, "min_ops": 1, "start_at": start_at}]) as agents:
+                    if busy:
+                        _busy_until(start_at + duration)
+                    (samples,) = agents.results()
                 total = sum(samples)
                 return Rep([len(samples) / total], {"ops": float(len(samples)),
                                                     "seconds": total,

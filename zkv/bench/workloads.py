@@ -271,7 +271,7 @@ def subscriber_loop(agent: Agent, spec: Spec, channel: str, hwm: int, max_wait: 
         while True:
             got = sub.receive(0.05)
             if got is None:
-                if clock() > deadline:
+                if clock() > deadline or agent.aborted():
                     break
                 continue
             value, seq = got
@@ -298,12 +298,16 @@ def staleness_reader(agent: Agent, spec: Spec, key: str, final: int,
     out: list[tuple[int, float]] = []
     clock = time.monotonic
     deadline = clock() + max_wait
+    reads = 0
     while seen != final and clock() < deadline:
         value = kv.get(key)
         if value != seen:
             out.append((value, clock()))
             seen = value
         time.sleep(0)
+        reads += 1
+        if reads % 256 == 0 and agent.aborted():
+            break
     return out
 
 
