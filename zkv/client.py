@@ -12,6 +12,7 @@ second, not at the end of the timeout.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -62,7 +63,7 @@ class Connection:
         self._local = threading.local()
         self._sockets: dict[int, tuple[weakref.ref[threading.Thread], zmq.Socket[Any]]] = {}
         self._sockets_lock = threading.Lock()
-        self._next_socket = 0
+        self._socket_ids = itertools.count(1)
         self._closed = False
         self._lost = False
         self._busy: set[int] = set()  # threads inside request()
@@ -113,16 +114,22 @@ class Connection:
             raise StoreClosedError("this connection belongs to the parent process")
         with self._sockets_lock:
             self._reap_dead_threads()
-            sock = self._ctx.socket(zmq.DEALER)
-            self._next_socket += 1
-            sock.setsockopt(zmq.ROUTING_ID,
-                            self._session + self._next_socket.to_bytes(4, "little"))
-            sock.setsockopt(zmq.LINGER, int(self.options.linger * 1000))
-            sock.setsockopt(zmq.SNDHWM, 1000)
-            sock.connect(self.address)
+            sock = self.open_socket()
             self._sockets[threading.get_ident()] = (weakref.ref(threading.current_thread()), sock)
         self._local.sock = sock
         self._local.rid = int.from_bytes(os.urandom(4), "little")
+        return sock
+
+    def open_socket(self, rcvhwm: int = 1000) -> zmq.Socket[Any]:
+        """A new DEALER connected to the owner, with a routing id of this session. The caller
+        owns it (and closes it before this connection closes)."""
+        sock = self._ctx.socket(zmq.DEALER)
+        number = next(self._socket_ids)
+        sock.setsockopt(zmq.ROUTING_ID, self._session + number.to_bytes(4, "little"))
+        sock.setsockopt(zmq.LINGER, int(self.options.linger * 1000))
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        sock.connect(self.address)
         return sock
 
     def _reap_dead_threads(self) -> None:
@@ -153,6 +160,13 @@ class Connection:
         ``timeout`` defaults to the store's; ``float("inf")`` waits as long as the owner lives.
         Raises ZkvTimeoutError, OwnerGoneError, MessageTooLargeError or StoreClosedError.
         """
+        status, reply, _before, _after = self.request_versioned(op, frames, timeout)
+        return status, reply
+
+    def request_versioned(self, op: int, frames: Sequence[Frame], timeout: float | None = None
+                          ) -> tuple[int, list[Any], int, int]:
+        """Like :meth:`request`, also returning the store's change counter just before and
+        just after the owner applied the request (see :mod:`zkv.wire`)."""
         if self._lost:
             raise OwnerGoneError(f"the zkv owner at {self.address} is gone")
         sock = self._socket()
@@ -170,7 +184,7 @@ class Connection:
             self._busy.discard(me)
 
     def _exchange(self, sock: zmq.Socket[Any], rid: int, op: int, frames: Sequence[Frame],
-                  deadline: float, timeout: float) -> tuple[int, list[Any]]:
+                  deadline: float, timeout: float) -> tuple[int, list[Any], int, int]:
         self._send(sock, [wire.pack_header(rid, op), *frames], deadline)
         while True:
             remaining = deadline - time.monotonic()
@@ -178,13 +192,14 @@ class Connection:
             if sock.poll(int(wait * 1000), zmq.POLLIN):
                 reply = sock.recv_multipart(copy=False)
                 try:
-                    got, status = wire.unpack_header(reply[0].bytes)
+                    got, status, before, after = wire.unpack_reply(reply[0].bytes)
                 except ProtocolError:
                     log.warning("dropped a malformed reply")
                     continue
                 if got != rid:
                     continue  # the late reply of a request that timed out
-                return status, [f.bytes if len(f) < _LARGE else f for f in reply[1:]]
+                return (status, [f.bytes if len(f) < _LARGE else f for f in reply[1:]],
+                        before, after)
             self._check_owner()
             if remaining <= 0:
                 raise ZkvTimeoutError(

@@ -1,16 +1,16 @@
 """Settings of a store, from keyword arguments and environment variables.
 
-=====================  ==========================  ===========  =========================================
-option                 environment variable        default      meaning
-=====================  ==========================  ===========  =========================================
-``timeout``            ``ZKV_TIMEOUT``             30.0         seconds a request may take before
-                                                                :class:`~zkv.ZkvTimeoutError`
-``hwm``                ``ZKV_HWM``                 100000       pub/sub high-water mark: messages queued
-                                                                per subscriber before it loses some
-``max_message_size``   ``ZKV_MAX_MESSAGE_SIZE``    1 GiB        largest message (bytes) a store accepts
-``linger``             ``ZKV_LINGER``              1.0          seconds a closing process waits to flush
-                                                                messages it has queued (publishes)
-=====================  ==========================  ===========  =========================================
+====================  ========================  =======  ==========================================
+option                environment variable      default  meaning
+====================  ========================  =======  ==========================================
+``timeout``           ``ZKV_TIMEOUT``           30.0     seconds a request may take before
+                                                         :class:`~zkv.ZkvTimeoutError`
+``hwm``               ``ZKV_HWM``               100000   high-water mark: messages queued per
+                                                         subscriber before it loses some
+``max_message_size``  ``ZKV_MAX_MESSAGE_SIZE``  1 GiB    largest message (bytes) a store accepts
+``linger``            ``ZKV_LINGER``            1.0      seconds a closing process waits to
+                                                         flush what it queued (publishes)
+====================  ========================  =======  ==========================================
 
 Keyword arguments win over environment variables, which win over the defaults.
 """

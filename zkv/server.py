@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import threading
 import time
 from array import array
@@ -61,6 +62,17 @@ class _Session:
         self.last_seen = time.monotonic()
 
 
+class _Cacher:
+    """A client socket that caches reads: the key prefixes it caches and how many
+    invalidations it was sent."""
+
+    __slots__ = ("prefixes", "seq")
+
+    def __init__(self) -> None:
+        self.prefixes: list[bytes] = []
+        self.seq = 0
+
+
 class Server:
     """Binds the owner's sockets and runs its poller thread.
 
@@ -79,7 +91,10 @@ class Server:
         self._xpub = self._ctx.socket(zmq.XPUB)
         self._router.setsockopt(zmq.MAXMSGSIZE, options.max_message_size)
         self._router.setsockopt(zmq.RCVHWM, 0)
-        self._router.setsockopt(zmq.SNDHWM, 0)
+        # A peer that does not read (a caching client gone idle) loses messages past this,
+        # instead of making the owner buffer without bound; request sockets have at most one
+        # reply outstanding, so they never get near it.
+        self._router.setsockopt(zmq.SNDHWM, options.hwm)
         self._xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
         self._xpub.setsockopt(zmq.SNDHWM, options.hwm)
         self._xpub.setsockopt(zmq.LINGER, int(options.linger * 1000))
@@ -118,6 +133,7 @@ class Server:
         self._ticks = 0
         self._subscriptions: collections.Counter[bytes] = collections.Counter()
         self._watch_topics: list[bytes] = []
+        self._cachers: dict[bytes, _Cacher] = {}
         self._seqs: dict[bytes, int] = {}
         self.refused = 0
         self._hostname = socket.gethostname()
@@ -144,6 +160,9 @@ class Server:
             Op.PING: self._ping,
             Op.BYE: self._bye,
             Op.STATS: self._stats,
+            Op.CACHE_WATCH: self._cache_watch,
+            Op.CACHE_UNWATCH: self._cache_unwatch,
+            Op.CACHE_SYNC: self._cache_sync,
         }
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -246,10 +265,11 @@ class Server:
             return
         handler = self._handlers.get(op)
         session = routing_id[:8]
+        before = self.state.version
         if handler is None:
             self._refuse(f"unknown operation {op}")
             self._reply(routing_id, rid, Status.ERROR,
-                        wire.encode_error(ProtocolError(f"unknown operation {op}")))
+                        wire.encode_error(ProtocolError(f"unknown operation {op}")), before)
             return
         args = [f.bytes if len(f) < _LARGE else f for f in frames[2:]]
         try:
@@ -259,12 +279,13 @@ class Server:
                 self._refuse(f"{Op(op).name}: {exc}")
             result = (Status.ERROR, wire.encode_error(exc))
         if result is not None:
-            self._reply(routing_id, rid, result[0], result[1])
+            self._reply(routing_id, rid, result[0], result[1], before)
 
-    def _reply(self, routing_id: bytes, rid: int, status: int, out: list[Frame]) -> None:
+    def _reply(self, routing_id: bytes, rid: int, status: int, out: list[Frame],
+               before: int) -> None:
+        header = wire.pack_reply(rid, status, before, self.state.version)
         try:
-            self._router.send_multipart([routing_id, wire.pack_header(rid, status), *out],
-                                        copy=False)
+            self._router.send_multipart([routing_id, header, *out], copy=False)
         except zmq.ZMQError as exc:  # peer gone: its request dies with it
             log.debug("reply to %r dropped: %s", routing_id, exc)
 
@@ -296,7 +317,7 @@ class Server:
 
     def _update_watch_hook(self) -> None:
         self._watch_topics = [t for t in self._subscriptions if t[:1] == b"k"]
-        hook = self._on_change if self._watch_topics else None
+        hook = self._on_change if self._watch_topics or self._cachers else None
         if self.state.on_change is not hook:
             with self.state.lock:
                 self.state.on_change = hook
@@ -337,7 +358,16 @@ class Server:
                                   copy=False)
 
     def _change_event(self, kind: int, key: str, entry: Entry | None, version: int) -> None:
-        topic = b"k" + wire.key_bytes(key) + b"\0"
+        name = wire.key_bytes(key)
+        for routing_id, cacher in self._cachers.items():
+            if any(name.startswith(p) for p in cacher.prefixes):
+                cacher.seq += 1  # counted even if dropped: the client sees the gap
+                header = wire.pack_reply(0, Status.INVALIDATE, cacher.seq, version)
+                try:
+                    self._router.send_multipart([routing_id, header, name], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        topic = b"k" + name + b"\0"
         if not any(topic.startswith(t) for t in self._watch_topics):
             return
         frames: list[Frame] = []
@@ -368,6 +398,9 @@ class Server:
     def _end_session(self, session: bytes) -> None:
         self._sessions.pop(session, None)
         self.locks.drop_session(session)
+        for routing_id in [r for r in self._cachers if r.startswith(session)]:
+            del self._cachers[routing_id]
+        self._update_watch_hook()
 
     # -- request handlers: (session, routing_id, rid, args) -> (status, frames) or None ----------
 
@@ -519,7 +552,8 @@ class Server:
 
         def grant(granted: bool) -> None:
             status = Status.OK if granted else Status.NONE
-            self.post(("reply", [routing_id, wire.pack_header(rid, status)]))
+            version = self.state.version
+            self.post(("reply", [routing_id, wire.pack_reply(rid, status, version, version)]))
 
         got = self.locks.acquire(name, session, token, deadline, grant)
         if got is None:
@@ -561,12 +595,39 @@ class Server:
     def _stats(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         return Status.OK, [wire.encode_json(self.stats())]
 
+    def _cache_watch(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]
+                     ) -> Reply:
+        if session not in self._sessions:
+            raise ProtocolError("CACHE_WATCH from a session that did not say HELLO")
+        cacher = self._cachers.setdefault(routing_id, _Cacher())
+        cacher.prefixes.extend(bytes(a) for a in args if bytes(a) not in cacher.prefixes)
+        self._update_watch_hook()
+        return Status.OK, [_SEQ.pack(cacher.seq)]
+
+    def _cache_unwatch(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]
+                       ) -> Reply:
+        cacher = self._cachers.get(routing_id)
+        if cacher is not None:
+            gone = {bytes(a) for a in args}
+            cacher.prefixes = [p for p in cacher.prefixes if args and p not in gone]
+            if not cacher.prefixes:
+                del self._cachers[routing_id]
+            self._update_watch_hook()
+        return Status.OK, []
+
+    def _cache_sync(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]
+                    ) -> Reply:
+        cacher = self._cachers.get(routing_id)
+        return Status.OK, [_SEQ.pack(0 if cacher is None else cacher.seq)]
+
     def _bye(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         self._end_session(session)
         return None
 
 
-_NOT_PIPELINED = frozenset({Op.HELLO, Op.PIPELINE, Op.LOCK, Op.PUBLISH, Op.BYE})
+_NOT_PIPELINED = frozenset({Op.HELLO, Op.PIPELINE, Op.LOCK, Op.PUBLISH, Op.BYE,
+                            Op.CACHE_WATCH, Op.CACHE_UNWATCH, Op.CACHE_SYNC})
+_SEQ = struct.Struct("<Q")
 
 
 def _sections(args: list[Any], count: int, what: str) -> list[Sequence[Frame]]:

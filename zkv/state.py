@@ -130,9 +130,10 @@ class State:
     # -- writes: callers outside this class hold no lock; every method takes it ----------------
 
     def _put(self, key: str, entry: Entry) -> None:
-        self.version += 1
-        entry.version = self.version
+        # Store first, count second: a reader that sees version N sees every change <= N.
+        entry.version = self.version + 1
         self.data[key] = entry
+        self.version += 1
         hook = self.on_change
         if hook is not None:
             hook(SET, key, entry, self.version)

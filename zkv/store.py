@@ -20,7 +20,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 from . import endpoint as _endpoint
 from .config import Options
@@ -34,7 +34,7 @@ from .state import MISSING
 
 __all__ = ["Pipeline", "Store", "connect", "serve", "store"]
 
-Core = Union[LocalCore, RemoteCore]
+Core = LocalCore | RemoteCore
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -296,6 +296,34 @@ class Store(MutableMapping[str, Any]):
         :class:`~zkv.OwnerGoneError` if the owner dies). Released when its holder dies."""
         return Lock(_LockBackend(self), name, timeout)
 
+    def enable_cache(self, prefix: str = "", max_entries: int = 100_000) -> None:
+        """Serve repeated :meth:`get` of keys starting with ``prefix`` ("" = every key) from
+        this process's memory, kept fresh by the owner's invalidations. A write made by this
+        process is always seen by its next read; a write made elsewhere is seen once its
+        invalidation arrives (a fraction of a millisecond; see docs/benchmarks.md). At most
+        ``max_entries`` values are kept. In the owner this does nothing: its reads are local
+        already."""
+        if type(prefix) is not str:
+            raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries must be a positive int, not {max_entries!r}")
+        if not self.is_owner:
+            self._core.enable_cache(prefix, max_entries)
+
+    def disable_cache(self, prefix: str | None = None) -> None:
+        """Stop caching keys under ``prefix`` (every prefix if None)."""
+        if not self.is_owner:
+            self._core.disable_cache(prefix)
+
+    def cache_info(self) -> dict[str, int]:
+        """Counters of the read cache: ``hits``, ``misses``, ``entries`` (values held now) and
+        ``flushes`` (times it was dropped whole because invalidations were lost)."""
+        cache = None if self.is_owner else self._core.cache
+        if cache is None:
+            return {"hits": 0, "misses": 0, "entries": 0, "flushes": 0}
+        return {"hits": cache.hits, "misses": cache.misses, "entries": len(cache._entries),
+                "flushes": cache.flushes}
+
     def pipeline(self) -> Pipeline:
         """Queue many operations and send them in one round trip (see :class:`Pipeline`)."""
         return Pipeline(self)
@@ -517,7 +545,7 @@ class Pipeline:
             self.execute()
 
 
-# -- the process-wide store ------------------------------------------------------------------------
+# -- the process-wide store -------------------------------------------------------------------
 
 _LIVE: weakref.WeakSet[Store] = weakref.WeakSet()
 _GLOBAL: Store | None = None
@@ -599,7 +627,7 @@ def connect(endpoint: str | None = None, **options: Any) -> Store:
     return Store(RemoteCore(address, opts), opts)
 
 
-# -- fork and exit -----------------------------------------------------------------------------------
+# -- fork and exit ---------------------------------------------------------------------------
 
 def _after_fork_in_child() -> None:
     global _GLOBAL_LOCK, _hooks_pid
