@@ -421,22 +421,29 @@ class Lab:
         s = self.settings
         owner = self.owner
 
+        counter = [0]  # values never repeat: a stale read of an earlier repetition's value
+                       # (legitimate, within the window) must not pass for this one's
+
         def run(warmup: bool) -> Rep:
             writes = 2 if warmup else s.staleness_writes
             key = "stale"
-            owner.set(key, 0)
+            first = counter[0] + 1
+            final = counter[0] = first + writes
+            owner.set(key, first)
             with self.agents.session(workloads.staleness_reader, [{
-                    "spec": self.zkv(cached=True), "key": key, "final": writes,
+                    "spec": self.zkv(cached=True), "key": key, "final": final,
                     "max_wait": writes * 0.02 + 10.0}]) as agents:
                 agents.wait_ready()
                 written: dict[int, float] = {}
-                for i in range(1, writes + 1):
+                for i in range(first + 1, final + 1):
                     time.sleep(0.002)
                     owner.set(key, i)
                     written[i] = time.monotonic()
                 (seen,) = agents.results()
-            if not seen or seen[-1][0] != writes:
-                raise AgentError("the cached reader never saw the last write (stale cache)")
+            if not seen or seen[-1][0] != final:
+                shown = ", ".join(str(v) for v, _t in seen[-5:]) or "nothing new"
+                raise AgentError(f"the cached reader never saw the last write {final} "
+                                 f"(stale cache); last values seen: {shown}")
             delays = [max(0.0, t - written[v]) for v, t in seen if v in written]
             return Rep(delays, {"unseen": float(writes - len(delays))})
         return Row(id="cache_staleness", title="cache staleness window", metric="latency",
