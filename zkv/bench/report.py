@@ -182,13 +182,16 @@ def plot(results: Sequence[RowResult], path: str, machine: dict[str, Any],
     for y, ratio, mark in zip(ys, ratios, marks, strict=True):
         if mark is not None:
             ax.plot([mark, mark], [y - 0.45, y + 0.45], color="black", linewidth=2)
-        ax.text(ratio * (1.06 if ratio >= 1 else 1 / 1.06), y, f"{ratio:.2g}x",
+        text = f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2g}x"
+        ax.text(ratio * (1.06 if ratio >= 1 else 1 / 1.06), y, text,
                 va="center", ha="left" if ratio >= 1 else "right", fontsize=6)
     ax.set_xscale("log")
     low, high = min([*ratios, *(m for m in marks if m)]), max([*ratios, *(m for m in marks if m)])
     ax.set_xlim(min(low, 1.0) / 2, max(high, 1.0) * 2)
-    ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500)
-             if min(low, 1.0) / 2 <= t <= max(high, 1.0) * 2]
+    left, right = min(low, 1.0) / 2, max(high, 1.0) * 2
+    steps = (1, 2, 5) if right / left < 1000 else (1,)  # sparser ticks on a wide range
+    ticks = [m * 10.0 ** e for e in range(-4, 5) for m in steps
+             if left <= m * 10.0 ** e <= right]
     ax.set_xticks(ticks)
     ax.set_xticklabels([f"{t:g}x" for t in ticks])
     ax.axvline(1.0, color="grey", linewidth=1)
@@ -201,6 +204,6 @@ def plot(results: Sequence[RowResult], path: str, machine: dict[str, Any],
                  f"cores, {machine.get('python', '')}, libzmq {machine.get('libzmq', '?')}",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return None
