@@ -201,6 +201,11 @@ class TestLostInvalidations:
             proc = CTX.Process(target=_idle_then_read, args=(q, go))
             proc.start()
             assert q.get(timeout=30) == "cached"
+            # First fill the reader's pipe with invalidations of other keys, then change the
+            # cached keys: their invalidations are the ones lost, at the end of the backlog,
+            # where no later message shows the gap. Only the sync can find it.
+            for j in range(2000):
+                kv[KEY.format(f"filler{j}")] = j
             for round_ in range(40):
                 for i in range(50):
                     kv[KEY.format(i)] = f"new{round_}"
