@@ -18,6 +18,7 @@ from typing import Any
 
 import zkv
 from zkv import endpoint as zkv_endpoint
+from zkv.testing import wait_for
 
 __all__ = ["OwnerProcess", "call_in_child", "owner_process", "socket_dirs_of"]
 
@@ -56,7 +57,18 @@ class OwnerProcess:
         os.kill(self.pid, signal.SIGKILL)
 
     def stop(self) -> None:
+        """SIGSTOP the owner and wait until every one of its threads is really stopped (the
+        signal is delivered asynchronously)."""
         os.kill(self.pid, signal.SIGSTOP)
+
+        def stopped() -> bool:
+            for tid in os.listdir(f"/proc/{self.pid}/task"):
+                with open(f"/proc/{self.pid}/task/{tid}/stat", "rb") as fh:
+                    if fh.read().rsplit(b")", 1)[-1].split()[0] not in (b"T", b"t"):
+                        return False
+            return True
+
+        wait_for(stopped, timeout=10, what="the owner to stop")
 
     def resume(self) -> None:
         os.kill(self.pid, signal.SIGCONT)

@@ -212,14 +212,15 @@ class TestOwnerTouchesNoSocket:
         client = zkv.connect(kv.endpoint)
         try:
             client.get("warm")
-            original = zmq.Socket.send_multipart
             me = threading.get_ident()
+            for name in ("send", "send_multipart"):
+                original = getattr(zmq.Socket, name)
 
-            def guarded(*args: Any, **kwargs: Any) -> Any:
-                if threading.get_ident() == me:
-                    raise RuntimeError("socket used")
-                return original(*args, **kwargs)
-            monkeypatch.setattr(zmq.Socket, "send_multipart", guarded)
+                def guarded(*args: Any, __original: Any = original, **kwargs: Any) -> Any:
+                    if threading.get_ident() == me:
+                        raise RuntimeError("socket used")
+                    return __original(*args, **kwargs)
+                monkeypatch.setattr(zmq.Socket, name, guarded)
             with pytest.raises(RuntimeError, match="socket used"):
                 client.get("warm")
         finally:

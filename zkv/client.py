@@ -5,9 +5,19 @@ thread-safe), sends from the calling thread and waits on that socket for the rep
 hop on the request path, and replies cannot cross between threads. Every request carries an id,
 so a late reply to a request that timed out is recognised and dropped.
 
-While it waits, a request checks every ``_SLICE`` seconds that the owner still exists (for ipc:
-its pid lives and its socket file is there), so a dead owner is reported within a fraction of a
-second, not at the end of the timeout.
+While it waits, a request checks every ``_SLICE`` seconds that the owner still exists, so a
+dead owner is reported within a fraction of a second, not at the end of the timeout. How that is
+checked depends on the transport (an *owner watch*, chosen once per connection):
+
+- ipc (:class:`IpcWatch`): the owner's pid lives and its socket file is there. Nothing is
+  added to the request path.
+- tcp (:class:`TcpWatch`): every socket speaks CURVE with this process's keys and exchanges
+  ZeroMQ heartbeats with the owner. One extra DEALER, the *session socket*, says HELLO and BYE
+  and is otherwise idle; a monitor on it reports the owner gone when that connection drops (the
+  owner's kernel closes it when the owner dies; heartbeats close it when the owner's host or the
+  network goes silent), and turns a refused handshake into :class:`~zkv.AuthenticationError`
+  at once. The owner, for its part, ends this process's session (and releases its locks) when
+  the session socket's connection drops.
 """
 
 from __future__ import annotations
@@ -24,25 +34,123 @@ from typing import Any
 
 import zmq
 
-from . import codec, endpoint, wire
+from . import auth, codec, endpoint, wire
 from .codec import Frame
 from .config import Options
 from .errors import (
+    AuthenticationError,
     MessageTooLargeError,
     NoOwnerError,
     OwnerGoneError,
     ProtocolError,
     StoreClosedError,
+    ZkvConnectionError,
     ZkvTimeoutError,
 )
 from .wire import Op, Status
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "IpcWatch", "TcpWatch"]
 
 log = logging.getLogger("zkv.client")
 
 _SLICE = 0.1  # seconds between owner-liveness checks while a request waits
 _LARGE = 64 * 1024
+
+
+class IpcWatch:
+    """Owner liveness for ipc: its pid lives and its socket file exists."""
+
+    session_socket: zmq.Socket[Any] | None = None
+
+    def __init__(self, ep: endpoint.Endpoint) -> None:
+        endpoint.check_ipc_reachable(ep)
+        self._endpoint = ep
+
+    def alive(self) -> bool:
+        return self._endpoint.owner_present()
+
+    def failure(self, address: str, owner_pid: object) -> ZkvConnectionError:
+        return OwnerGoneError(f"the zkv owner (pid {owner_pid}) at {address} is gone")
+
+    def close(self, linger: float) -> None:
+        pass
+
+
+_CLIENT_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                  | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+class TcpWatch:
+    """Owner liveness and authentication outcome for tcp (see the module docstring).
+
+    Sets this process's CURVE keys and heartbeats as defaults of ``ctx``, so that every
+    socket made from it afterwards (request DEALERs, subscribers' SUBs) uses them.
+    """
+
+    def __init__(self, ctx: zmq.Context[Any], address: str, routing_id: bytes,
+                 keys: auth.ClientKeys, options: Options) -> None:
+        beat = int(options.heartbeat * 1000)
+        ctx.setsockopt(zmq.CURVE_SERVERKEY, keys.server_key)
+        ctx.setsockopt(zmq.CURVE_PUBLICKEY, keys.public_key)
+        ctx.setsockopt(zmq.CURVE_SECRETKEY, keys.secret_key)
+        ctx.setsockopt(zmq.HEARTBEAT_IVL, beat)
+        ctx.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * beat)
+        ctx.setsockopt(zmq.HEARTBEAT_TTL, min(3 * beat, 6_553_000))
+        self._address = address
+        self._lock = threading.Lock()
+        self._up = False
+        self._error: ZkvConnectionError | None = None
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
+        sock.setsockopt(zmq.LINGER, int(options.linger * 1000))
+        sock.setsockopt(zmq.RCVTIMEO, int(_SLICE * 1000))  # HELLO waits in slices
+        self._monitor = auth.monitor(sock, _CLIENT_EVENTS)
+        sock.connect(address)
+        self.session_socket: zmq.Socket[Any] | None = sock
+
+    def alive(self) -> bool:
+        with self._lock:
+            if self._error is None and self.session_socket is not None:
+                for event, value in auth.drain_events(self._monitor):
+                    self._on_event(event, value)
+            return self._error is None
+
+    def _on_event(self, event: int, value: int) -> None:
+        where = self._address
+        if self._error is not None:
+            return
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._up = True
+        elif self._up:
+            if event == zmq.EVENT_DISCONNECTED:
+                self._error = OwnerGoneError(
+                    f"the connection to the zkv owner at {where} was lost: the owner died or "
+                    f"closed, or it stopped answering heartbeats")
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            self._error = AuthenticationError(
+                f"the zkv owner at {where} refused this client's key (ZAP status {value}): "
+                f"its public key is not among the owner's allowed clients (DIR/clients/*.key "
+                f"of the owner's `zkv keygen` directory)")
+        elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            self._error = AuthenticationError(
+                f"the CURVE handshake with {where} failed: the server key this client was "
+                f"given (server.key) is not the owner's, or the peer is not a zkv tcp owner")
+        elif event == zmq.EVENT_CONNECT_RETRIED:
+            self._error = NoOwnerError(f"no zkv owner at {where}: the connection was refused "
+                                       f"or the host cannot be reached")
+
+    def failure(self, address: str, owner_pid: object) -> ZkvConnectionError:
+        """A new exception saying why the owner is not reachable."""
+        error = self._error or OwnerGoneError(f"the zkv owner at {address} is gone")
+        return type(error)(str(error))
+
+    def close(self, linger: float) -> None:
+        with self._lock:
+            if self.session_socket is not None:
+                self.session_socket.close(int(linger * 1000))
+                self._monitor.close(0)
+                self.session_socket = None
 
 
 class Connection:
@@ -55,11 +163,21 @@ class Connection:
         self.address = address
         self.options = options
         self.endpoint = endpoint.parse(address)
-        if self.endpoint.is_ipc:
-            endpoint.check_ipc_reachable(self.endpoint)
         self._pid = os.getpid()
-        self._ctx = zmq.Context(io_threads=1)
         self._session = os.urandom(8)
+        self._watch: IpcWatch | TcpWatch
+        if self.endpoint.is_ipc:
+            self._watch = IpcWatch(self.endpoint)
+            self._ctx = zmq.Context(io_threads=1)
+        else:
+            keys = auth.client_keys(options.keys, address)  # before anything is opened
+            self._ctx = zmq.Context(io_threads=1)
+            try:
+                self._watch = TcpWatch(self._ctx, address, self._session + bytes(4), keys,
+                                       options)
+            except BaseException:
+                self._ctx.term()
+                raise
         self._local = threading.local()
         self._sockets: dict[int, tuple[weakref.ref[threading.Thread], zmq.Socket[Any]]] = {}
         self._sockets_lock = threading.Lock()
@@ -70,11 +188,14 @@ class Connection:
         self.max_message_size = options.max_message_size
         codec.register_main_by_value()
         try:
-            status, reply = self.request(
-                Op.HELLO,
-                [wire.encode_json({"pid": os.getpid(), "host": socket.gethostname()})],
-                timeout=min(options.timeout, 10.0),
-            )
+            hello = [wire.encode_json({"pid": os.getpid(), "host": socket.gethostname()})]
+            timeout = min(options.timeout, 10.0)
+            if self._watch.session_socket is None:
+                status, reply = self.request(Op.HELLO, hello, timeout=timeout)
+            else:
+                status, reply, _before, _after = self._exchange(
+                    self._watch.session_socket, 1, Op.HELLO, hello, time.monotonic() + timeout,
+                    timeout)
             if status != Status.OK or not reply:
                 raise ProtocolError("the owner refused HELLO")
             info = wire.decode_json(reply[0])
@@ -144,7 +265,7 @@ class Connection:
 
     def owner_alive(self) -> bool:
         """Cheap check that the owner still exists (see the module docstring)."""
-        return self.endpoint.owner_present()
+        return self._watch.alive()
 
     def _check_size(self, frames: Sequence[Frame]) -> None:
         # Even one frame over the limit must be caught here: the owner's ZeroMQ would drop the
@@ -225,7 +346,7 @@ class Connection:
     def _send(self, sock: zmq.Socket[Any], frames: list[Frame], deadline: float) -> None:
         while True:
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                wire.send_frames(sock, frames)
                 return
             except zmq.Again:
                 pass
@@ -238,11 +359,9 @@ class Connection:
     def _check_owner(self) -> None:
         if self._closed:
             raise StoreClosedError("this zkv store was closed while a request was waiting")
-        if not self.owner_alive():
+        if not self._watch.alive():
             self._lost = True
-            raise OwnerGoneError(
-                f"the zkv owner (pid {self.owner_pid if hasattr(self, 'owner_pid') else '?'}) "
-                f"at {self.address} is gone")
+            raise self._watch.failure(self.address, getattr(self, "owner_pid", "?"))
 
     @property
     def lost(self) -> bool:
@@ -265,7 +384,8 @@ class Connection:
             linger = 0.0 if self._lost or not self.owner_alive() else self.options.linger
         if not self._lost and hasattr(self, "owner_pid"):
             try:  # best effort, never waiting: the owner also notices a dead process
-                self._socket().send_multipart([wire.pack_header(0, Op.BYE)], zmq.NOBLOCK)
+                sock = self._watch.session_socket or self._socket()
+                sock.send_multipart([wire.pack_header(0, Op.BYE)], zmq.NOBLOCK)
             except Exception:
                 pass
         self._closed = True
@@ -278,5 +398,6 @@ class Connection:
             for _ref, sock in self._sockets.values():
                 sock.close(int(linger * 1000))
             self._sockets.clear()
+        self._watch.close(linger)
         self._ctx.term()
 

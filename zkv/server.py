@@ -27,14 +27,14 @@ from typing import Any
 
 import zmq
 
-from . import codec, endpoint, wire
+from . import auth, codec, endpoint, wire
 from .codec import Frame
 from .config import Options
 from .errors import EncodeError, ProtocolError, ZkvTimeoutError
 from .locks import LockTable
 from .state import DELETE, Entry, State
 from .waker import Waker
-from .wire import Kind, Op, Status
+from .wire import Kind, Op, Status, send_frames
 
 __all__ = ["OWNER_SESSION", "Server"]
 
@@ -49,19 +49,29 @@ _FLUSH_BATCH = 1024  # outbox items sent per poller turn, so that requests are s
 _OUTBOX_LIMIT = 4096  # owner threads publishing past this wait for the poller to catch up
 _LIVENESS_PERIOD = 0.2  # seconds between checks that lock-holding clients are alive
 _SWEEP_EVERY = 25  # ticks between checks of every client session
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
 
 Reply = tuple[int, list[Frame]] | None
 Handler = Callable[[bytes, bytes, int, list[Any]], Reply]
 
 
 class _Session:
-    __slots__ = ("host", "last_seen", "local", "pid")
+    __slots__ = ("fd", "host", "last_seen", "local", "pid")
 
     def __init__(self, pid: int, host: str, local: bool) -> None:
         self.pid = pid
         self.host = host
         self.local = local
         self.last_seen = time.monotonic()
+        self.fd: int | None = None  # tcp: the connection that said HELLO
+
+
+#: Events of the owner's tcp ROUTER that it watches: a session ends when its HELLO connection
+#: drops; failed handshakes are logged.
+_MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
 class _Cacher:
@@ -78,7 +88,10 @@ class _Cacher:
 class Server:
     """Binds the owner's sockets and runs its poller thread.
 
-    ``bind`` is None for private ipc sockets, or a ``tcp://host:port`` address.
+    ``bind`` is None for private ipc sockets, or a ``tcp://host:port`` address. A tcp owner
+    requires CURVE on both sockets and answers ZAP requests in its poller thread (no extra
+    thread; the allowed keys are checked where every other decision about peers is taken);
+    refused without credentials (:class:`~zkv.AuthenticationError` saying how to make them).
     """
 
     def __init__(self, state: State, options: Options, locks: LockTable,
@@ -103,6 +116,13 @@ class Server:
         self._xpub.setsockopt(zmq.MAXMSGSIZE, options.max_message_size)
         self._xpub.setsockopt(zmq.SNDHWM, options.hwm)
         self._xpub.setsockopt(zmq.LINGER, int(options.linger * 1000))
+        self._zap: zmq.Socket[Any] | None = None  # tcp only: ZAP requests (RFC 27)
+        self._monitor: zmq.Socket[Any] | None = None  # tcp only: the ROUTER's connection events
+        self._xpub_monitor: zmq.Socket[Any] | None = None  # tcp only: failed SUB handshakes
+        self._auth: auth.Authenticator | None = None
+        self._fd_sessions: dict[int, bytes] = {}  # tcp: HELLO connection -> session
+        self._current: list[zmq.Frame] | None = None  # tcp: the request being handled
+        self.handshake_failures = 0
         try:
             if bind is None:
                 self.directory, self.endpoint, pub = endpoint.make_ipc_dir()
@@ -114,6 +134,7 @@ class Server:
                 if ep.transport != "tcp":
                     raise ValueError(f"serve() binds ipc sockets itself; pass None or tcp://, "
                                      f"not {bind!r}")
+                self._secure(auth.owner_keys(options.keys, bind))
                 self._router.bind(bind)
                 self.endpoint = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
                 host = ep.host or "*"
@@ -125,6 +146,9 @@ class Server:
         except BaseException:
             self._router.close()
             self._xpub.close()
+            for extra in (self._zap, self._monitor, self._xpub_monitor):
+                if extra is not None:
+                    extra.close()
             self._ctx.term()
             if self.directory is not None:
                 endpoint.remove_ipc_dir(self.directory)
@@ -171,6 +195,24 @@ class Server:
             Op.CACHE_UNWATCH: self._cache_unwatch,
             Op.CACHE_SYNC: self._cache_sync,
         }
+
+    def _secure(self, keys: auth.OwnerKeys) -> None:
+        """Make both tcp sockets CURVE servers that let in only allowed client keys, with
+        heartbeats so that silent peers are dropped."""
+        self._auth = auth.Authenticator(keys)
+        self._zap = self._ctx.socket(zmq.REP)
+        self._zap.bind("inproc://zeromq.zap.01")  # before any CURVE socket binds
+        beat = int(self.options.heartbeat * 1000)
+        for sock in (self._router, self._xpub):
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret_key)
+            sock.setsockopt(zmq.ZAP_DOMAIN, auth.ZAP_DOMAIN)
+            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)  # no ZAP handler: refuse, never allow
+            sock.setsockopt(zmq.HEARTBEAT_IVL, beat)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * beat)
+        self._monitor = auth.monitor(self._router, _MONITOR_EVENTS)
+        self._xpub_monitor = auth.monitor(self._xpub, _MONITOR_EVENTS & ~zmq.EVENT_DISCONNECTED)
+        self._handle = self._handle_remote  # type: ignore[method-assign]
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -229,41 +271,52 @@ class Server:
 
     def _run(self) -> None:
         self._thread_id = threading.get_ident()
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._xpub, zmq.POLLIN)
-        poller.register(self._waker.fd, zmq.POLLIN)
-        router, xpub, wake_r = self._router, self._xpub, self._waker.fd
+        router, xpub, wake_fd = self._router, self._xpub, self._waker.fd
+        items: list[Any] = [(router, _POLLIN), (xpub, _POLLIN), (wake_fd, _POLLIN)]
+        if self._zap is not None:  # tcp
+            items += [(self._zap, _POLLIN), (self._monitor, _POLLIN),
+                      (self._xpub_monitor, _POLLIN)]
         self._started.set()
-        next_liveness = time.monotonic() + _LIVENESS_PERIOD
+        next_tick = time.monotonic() + _LIVENESS_PERIOD
         try:
             while not self._stopping:
-                timeout = self._poll_timeout(next_liveness)
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._check_sessions()
+                    self.locks.expire(now)
+                    next_tick = now + _LIVENESS_PERIOD
+                    if self._outbox:
+                        self._flush_outbox()
+                timeout = next_tick - now
+                if self.locks.waiting:
+                    nearest = self.locks.expire(now)
+                    if nearest is not None:
+                        timeout = min(timeout, nearest - now)
                 try:
-                    ready = dict(poller.poll(timeout))
+                    ready = zmq.zmq_poll(items, max(0, int(timeout * 1000) + 1))
                 except zmq.ZMQError as exc:  # pragma: no cover - EINTR and the like
                     log.debug("poll failed: %s", exc)
                     continue
-                if router in ready:
-                    for _ in range(_BATCH):
-                        try:
-                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._handle(frames)
-                if xpub in ready:
-                    self._read_subscriptions()
-                if wake_r in ready:
-                    self._waker.drain()
+                for sock, _events in ready:
+                    if sock is router:
+                        # Serve what is queued, checking for more without raising Again.
+                        for _ in range(_BATCH):
+                            try:
+                                frames = router.recv_multipart(_NOBLOCK, copy=False)
+                            except zmq.Again:
+                                break
+                            self._handle(frames)
+                            if not router.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+                                break
+                    elif sock is xpub:
+                        self._read_subscriptions()
+                    elif sock is wake_fd:
+                        self._waker.drain()
+                    else:  # tcp: a ZAP request or a connection event
+                        self._answer_zap()
+                        self._read_monitor()
                 if self._outbox:
                     self._flush_outbox()
-                now = time.monotonic()
-                self.locks.expire(now)
-                if now >= next_liveness:
-                    self._check_sessions()
-                    next_liveness = now + _LIVENESS_PERIOD
-                    if self._outbox:
-                        self._flush_outbox()
         except BaseException:  # a bug; keep the traceback
             log.exception("zkv owner poller thread crashed")
             raise
@@ -271,19 +324,14 @@ class Server:
             self.state.on_change = None
             self._router.close(0)
             self._xpub.close(int(self.options.linger * 1000))
+            for extra in (self._monitor, self._xpub_monitor, self._zap):
+                if extra is not None:
+                    extra.close(0)
             self._ctx.term()
             if not self._stopping and self.directory is not None:
                 # Nobody serves this store any more: remove the socket files so that clients
                 # get OwnerGoneError at once instead of waiting for their timeouts.
                 endpoint.remove_ipc_dir(self.directory)
-
-    def _poll_timeout(self, next_liveness: float) -> int:
-        now = time.monotonic()
-        deadline = self.locks.expire(now)
-        nearest = next_liveness
-        if deadline is not None:
-            nearest = min(nearest, deadline)
-        return max(0, int((nearest - now) * 1000) + 1)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:
@@ -315,11 +363,20 @@ class Server:
         if result is not None:
             self._reply(routing_id, rid, result[0], result[1], before)
 
+    def _handle_remote(self, frames: list[zmq.Frame]) -> None:
+        """:meth:`_handle` for tcp: keeps the frames in reach of HELLO, which records the
+        connection it came on."""
+        self._current = frames
+        try:
+            Server._handle(self, frames)
+        finally:
+            self._current = None
+
     def _reply(self, routing_id: bytes, rid: int, status: int, out: list[Frame],
                before: int) -> None:
         header = wire.pack_reply(rid, status, before, self.state.version)
         try:
-            self._router.send_multipart([routing_id, header, *out], copy=False)
+            send_frames(self._router, [routing_id, header, *out])
         except zmq.ZMQError as exc:  # peer gone: its request dies with it
             log.debug("reply to %r dropped: %s", routing_id, exc)
 
@@ -327,6 +384,35 @@ class Server:
         self.refused += 1
         if self.refused <= 10 or self.refused % 1000 == 0:
             log.warning("zkv owner refused a message (%d so far): %s", self.refused, why)
+
+    # -- tcp: authentication and connections -----------------------------------------------------
+
+    def _answer_zap(self) -> None:
+        assert self._zap is not None and self._auth is not None
+        while True:
+            try:
+                request = self._zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._zap.send_multipart(self._auth.handle(request))
+
+    def _read_monitor(self) -> None:
+        """End the sessions whose HELLO connection dropped (the client died, closed, or
+        stopped answering heartbeats: its locks are released); log failed handshakes."""
+        assert self._monitor is not None and self._xpub_monitor is not None
+        events = auth.drain_events(self._monitor) + auth.drain_events(self._xpub_monitor)
+        for event, value in events:
+            if event == zmq.EVENT_DISCONNECTED:
+                session = self._fd_sessions.pop(value, None)
+                if session is not None and session in self._sessions:
+                    log.info("zkv session %s: connection lost; ending it", session.hex())
+                    self._end_session(session)
+            else:
+                self.handshake_failures += 1
+                if self.handshake_failures <= 10 or self.handshake_failures % 1000 == 0:
+                    log.warning("zkv owner refused a connection: CURVE handshake failed (the "
+                                "peer does not speak CURVE or uses a wrong server key; %d so "
+                                "far)", self.handshake_failures)
 
     # -- subscriptions and fan-out ---------------------------------------------------------------
 
@@ -437,7 +523,9 @@ class Server:
                 self._end_session(session)
 
     def _end_session(self, session: bytes) -> None:
-        self._sessions.pop(session, None)
+        info = self._sessions.pop(session, None)
+        if info is not None and info.fd is not None and self._fd_sessions.get(info.fd) == session:
+            del self._fd_sessions[info.fd]
         self.locks.drop_session(session)
         for routing_id in [r for r in self._cachers if r.startswith(session)]:
             del self._cachers[routing_id]
@@ -454,7 +542,18 @@ class Server:
             raise ProtocolError("HELLO needs a JSON object with the client's pid")
         host = str(info.get("host", ""))
         local = host == self._hostname and self.directory is not None
-        self._sessions[session] = _Session(pid, host, local)
+        if self._current is not None:  # tcp
+            # Disconnections queued before this HELLO are settled first: the fd it came on
+            # may be the reused fd of a connection that has just closed.
+            self._read_monitor()
+        record = self._sessions[session] = _Session(pid, host, local)
+        peer = ""
+        if self._current is not None:
+            frame = self._current[1]
+            record.fd = frame.get(zmq.SRCFD)
+            self._fd_sessions[record.fd] = session
+            peer = f" as {frame.get('User-Id')!r} from {frame.get('Peer-Address')}"
+        log.info("zkv session %s: HELLO from pid %d on %s%s", session.hex(), pid, host, peer)
         reply = {
             "version": wire.PROTOCOL_VERSION,
             "pid": os.getpid(),
@@ -640,6 +739,8 @@ class Server:
             "topics": len(self._subscriptions),
             "locks": len(self.locks.sessions()),
             "refused": self.refused,
+            "refused_auth": (0 if self._auth is None
+                             else self._auth.refused + self.handshake_failures),
             "pid": os.getpid(),
         }
 
@@ -672,6 +773,8 @@ class Server:
         return Status.OK, [_SEQ.pack(0 if cacher is None else cacher.seq)]
 
     def _bye(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        if session in self._sessions:
+            log.info("zkv session %s: BYE", session.hex())
         self._end_session(session)
         return None
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from . import codec
 from .codec import IMMUTABLE_TYPES, Frame
-from .errors import StoreClosedError
+from .errors import EncodeError, StoreClosedError
 
 __all__ = ["MISSING", "Entry", "State", "TransactionView"]
 
@@ -81,7 +81,7 @@ class Entry:
             return cls(value, None)
         try:
             return cls(_NOOBJ, codec.dumps(value, copy_buffers=True))
-        except codec.EncodeError:
+        except EncodeError:
             return cls(value, None)  # kept by reference: usable in the owner only
 
     @classmethod

@@ -107,6 +107,7 @@ class Store(MutableMapping[str, Any]):
         self._dispatcher: Dispatcher | None = None
         self._subscribers: weakref.WeakSet[Subscriber] = weakref.WeakSet()
         self._env_before: str | None = None
+        self._keys_exported: tuple[str | None, str] | None = None  # (ZKV_KEYS before, ours)
         self._abandoned: list[Any] = []
         _LIVE.add(self)
         _install_exit_hooks()
@@ -219,7 +220,7 @@ class Store(MutableMapping[str, Any]):
         """Remove every key, as one atomic step."""
         self._core.clear()
 
-    def update(self, other: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
+    def update(self, other: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),  # type: ignore[override]
                /, **kwargs: Any) -> None:
         """Like :meth:`dict.update`, as one atomic step in one round trip."""
         pairs = list(other.items() if isinstance(other, Mapping) else other)
@@ -436,6 +437,13 @@ class Store(MutableMapping[str, Any]):
                     os.environ.pop(_endpoint.ENV_VAR, None)
                 else:
                     os.environ[_endpoint.ENV_VAR] = self._env_before
+            if self._keys_exported is not None:
+                before, ours = self._keys_exported
+                if os.environ.get("ZKV_KEYS") == ours:
+                    if before is None:
+                        os.environ.pop("ZKV_KEYS", None)
+                    else:
+                        os.environ["ZKV_KEYS"] = before
         _forget_global(self)
 
     def __enter__(self) -> Store:
@@ -602,15 +610,22 @@ def _forget_global(gone: Store) -> None:
 def serve(endpoint: str | None = None, **options: Any) -> Store:
     """Own a new store from the moment this returns, and return it.
 
-    ``endpoint=None`` binds private ipc sockets; ``"tcp://host:port"`` binds TCP. The endpoint
-    is exported in ``ZKV_ENDPOINT`` for children started afterwards, and the store becomes this
-    process's :func:`zkv.store` if there was none. Use it as a context manager to close it and
-    remove its sockets. ``options``: see :class:`zkv.config.Options`.
+    ``endpoint=None`` binds private ipc sockets; ``"tcp://host:port"`` binds TCP, which needs
+    credentials (``keys=DIR`` made by ``zkv keygen``, or ``ZKV_KEYS``; see :mod:`zkv.auth`) and
+    raises :class:`~zkv.AuthenticationError` without them. The endpoint is exported in
+    ``ZKV_ENDPOINT`` (and a keys directory in ``ZKV_KEYS``) for children started afterwards,
+    and the store becomes this process's :func:`zkv.store` if there was none. Use it as a
+    context manager to close it and remove its sockets. ``options``: see
+    :class:`zkv.config.Options`.
     """
     opts = Options.from_env(options)
     made = Store(LocalCore(opts, endpoint), opts)
     made._env_before = os.environ.get(_endpoint.ENV_VAR)
     os.environ[_endpoint.ENV_VAR] = made.endpoint
+    if isinstance(opts.keys, (str, os.PathLike)) and not made.endpoint.startswith("ipc://"):
+        keys_dir = os.path.abspath(os.fspath(opts.keys))
+        made._keys_exported = (os.environ.get("ZKV_KEYS"), keys_dir)
+        os.environ["ZKV_KEYS"] = keys_dir  # children connect with DIR/client
     _set_global(made)
     return made
 
@@ -619,7 +634,9 @@ def connect(endpoint: str | None = None, **options: Any) -> Store:
     """Join an existing store as a client and return it.
 
     ``endpoint`` defaults to ``ZKV_ENDPOINT``, then to an owner among this process's
-    ancestors. Raises :class:`~zkv.NoOwnerError` if there is no owner to join.
+    ancestors. Raises :class:`~zkv.NoOwnerError` if there is no owner to join. A ``tcp://``
+    endpoint needs client credentials (``keys=DIR`` or ``ZKV_KEYS``) and raises
+    :class:`~zkv.AuthenticationError` if they are missing or the owner refuses them.
     """
     opts = Options.from_env(options)
     address = endpoint or _endpoint.discover()
