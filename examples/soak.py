@@ -46,7 +46,7 @@ KILL_EVERY = 3.0  # seconds between SIGKILLs of a random client (on average)
 ctx = mp.get_context("spawn")
 
 
-# -- the processes ----------------------------------------------------------------------------------
+# -- the processes ---------------------------------------------------------------------------------
 
 def owner_main(conn: Any) -> None:
     """Serve a store until told to stop; answer stats questions over ``conn``."""
@@ -130,7 +130,7 @@ def listener_main(endpoint: str, stop: Any, report: Any) -> None:
     kv.close()
 
 
-# -- measuring ------------------------------------------------------------------------------------------
+# -- measuring -------------------------------------------------------------------------------------
 
 @dataclass
 class Sample:
@@ -163,7 +163,7 @@ def show(label: str, s: Sample, ops: int | None = None) -> None:
           f"{st.get('keys', -1):5d}{rate}", flush=True)
 
 
-# -- the run --------------------------------------------------------------------------------------------
+# -- the run ---------------------------------------------------------------------------------------
 
 def run(duration: float, interval: float, rss_tolerance_mb: float, seed: int) -> int:
     rng = random.Random(seed)
