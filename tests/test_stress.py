@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import collections
 import queue
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -112,3 +115,16 @@ def test_many_processes_mixed_operations() -> None:
                                        f"the sequence numbers say {lost}"
     stalled = next(s for s in ended if s["name"] == "stalled")
     assert stalled["dropped"] > 0, "the stalled subscriber was expected to fall behind"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_soak_script_runs() -> None:
+    """examples/soak.py (make soak) runs, reports the owner's memory, file descriptors and
+    threads, and finds them flat on a short run."""
+    script = Path(__file__).resolve().parent.parent / "examples" / "soak.py"
+    result = subprocess.run([sys.executable, str(script), "--seconds", "5"],
+                            capture_output=True, text=True, timeout=100)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rss(MB)" in result.stdout and "fds" in result.stdout
+    assert "soak: FLAT" in result.stdout
