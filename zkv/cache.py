@@ -244,19 +244,19 @@ class ReadCache:
             now = time.monotonic()
             if now >= resend:
                 self._rid = rid = (self._rid + 1) & 0xFFFFFFFF
-                self._sock.send_multipart([wire.pack_header(rid, op), *frames])
+                self._sock.send_multipart(wire.request(rid, op, frames))
                 resend = now + _RESEND
             if self._sock.poll(10):
                 reply = self._sock.recv_multipart()
-                got, status, _before, after = wire.unpack_reply(reply[0])
+                got, status, _before, after, results = wire.parse_reply(reply[0], reply[1:])
                 if status == Status.INVALIDATE:
                     self._on_message(reply)
                     continue
                 if got != rid:
                     continue
                 if status == Status.ERROR:
-                    raise wire.decode_error(reply[1:])
-                seq = _SEQ.unpack(reply[1])[0] if len(reply) > 1 else 0
+                    raise wire.decode_error(results)
+                seq = _SEQ.unpack(results[0])[0] if results else 0
                 return seq, after
             if not self._alive():
                 self.dead = True
@@ -272,10 +272,10 @@ class ReadCache:
 
     def _on_message(self, frames: list[bytes]) -> None:
         try:
-            _rid, status, seq, version = wire.unpack_reply(frames[0])
+            _rid, status, seq, version, results = wire.parse_reply(frames[0], frames[1:])
         except ProtocolError:
             return
-        if status != Status.INVALIDATE or len(frames) != 2:
+        if status != Status.INVALIDATE or len(results) != 1:
             return
         if seq <= self._seq:
             return
@@ -284,7 +284,7 @@ class ReadCache:
         if gap:
             self._lost(version)
             return
-        self._invalidate(wire.key_str(frames[1]), version)
+        self._invalidate(wire.key_str(results[0]), version)
 
     def close(self) -> None:
         with self._sock_lock:

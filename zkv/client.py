@@ -309,7 +309,7 @@ class Connection:
 
     def _exchange(self, sock: zmq.Socket[Any], rid: int, op: int, frames: Sequence[Frame],
                   deadline: float, timeout: float) -> tuple[int, list[Any], int, int]:
-        self._send(sock, [wire.pack_header(rid, op), *frames], deadline)
+        self._send(sock, wire.request(rid, op, frames), deadline)
         while True:
             try:
                 # Blocks at most _SLICE (the socket's RCVTIMEO). copy=True costs nothing more:
@@ -324,14 +324,13 @@ class Connection:
                     ) from None
                 continue
             try:
-                got, status, before, after = wire.unpack_reply(reply[0])
+                got, status, before, after, results = wire.parse_reply(reply[0], reply[1:])
             except ProtocolError:
                 log.warning("dropped a malformed reply")
                 continue
             if got != rid:
                 continue  # the late reply of a request that timed out
-            del reply[0]
-            return status, reply, before, after
+            return status, results, before, after
 
     def send(self, op: int, frames: Sequence[Frame]) -> None:
         """Send a one-way message (no reply). Blocks, up to the timeout, only while the owner
@@ -341,7 +340,7 @@ class Connection:
         sock = self._socket()
         self._check_size(frames)
         deadline = time.monotonic() + self.options.timeout
-        self._send(sock, [wire.pack_header(0, op), *frames], deadline)
+        self._send(sock, wire.request(0, op, frames), deadline)
 
     def _send(self, sock: zmq.Socket[Any], frames: list[Frame], deadline: float) -> None:
         while True:
@@ -385,7 +384,7 @@ class Connection:
         if not self._lost and hasattr(self, "owner_pid"):
             try:  # best effort, never waiting: the owner also notices a dead process
                 sock = self._watch.session_socket or self._socket()
-                sock.send_multipart([wire.pack_header(0, Op.BYE)], zmq.NOBLOCK)
+                sock.send_multipart(wire.request(0, Op.BYE, []), zmq.NOBLOCK)
             except Exception:
                 pass
         self._closed = True

@@ -339,7 +339,8 @@ class Server:
             return
         routing_id = frames[0].bytes
         try:
-            rid, op = wire.unpack_header(frames[1].bytes)
+            rid, op, args = wire.parse_request(
+                frames[1].bytes, [f.bytes if len(f) < _LARGE else f for f in frames[2:]])
         except ProtocolError as exc:
             self._refuse(str(exc))
             return
@@ -351,7 +352,6 @@ class Server:
             self._reply(routing_id, rid, Status.ERROR,
                         wire.encode_error(ProtocolError(f"unknown operation {op}")), before)
             return
-        args = [f.bytes if len(f) < _LARGE else f for f in frames[2:]]
         try:
             result = handler(session, routing_id, rid, args)
         except BaseException as exc:  # user code run here (modify, unpickling) may raise anything
@@ -374,9 +374,9 @@ class Server:
 
     def _reply(self, routing_id: bytes, rid: int, status: int, out: list[Frame],
                before: int) -> None:
-        header = wire.pack_reply(rid, status, before, self.state.version)
         try:
-            send_frames(self._router, [routing_id, header, *out])
+            send_frames(self._router,
+                        [routing_id, *wire.reply(rid, status, before, self.state.version, out)])
         except zmq.ZMQError as exc:  # peer gone: its request dies with it
             log.debug("reply to %r dropped: %s", routing_id, exc)
 
@@ -489,9 +489,9 @@ class Server:
         for routing_id, cacher in self._cachers.items():
             if any(name.startswith(p) for p in cacher.prefixes):
                 cacher.seq += 1  # counted even if dropped: the client sees the gap
-                header = wire.pack_reply(0, Status.INVALIDATE, cacher.seq, version)
+                frames = wire.reply(0, Status.INVALIDATE, cacher.seq, version, [name])
                 try:
-                    self._router.send_multipart([routing_id, header, name], zmq.NOBLOCK)
+                    send_frames(self._router, [routing_id, *frames])
                 except zmq.ZMQError:
                     pass
         topic = b"k" + name + b"\0"
@@ -702,7 +702,7 @@ class Server:
         def grant(granted: bool) -> None:
             status = Status.OK if granted else Status.NONE
             version = self.state.version
-            self.post(("reply", [routing_id, wire.pack_reply(rid, status, version, version)]))
+            self.post(("reply", [routing_id, *wire.reply(rid, status, version, version, [])]))
 
         got = self.locks.acquire(name, session, token, deadline, grant)
         if got is None:
