@@ -156,6 +156,10 @@ class LocalCore:
     def owner_alive(self) -> bool:
         return True
 
+    def expect_probe(self, probe: bytes) -> None:
+        """A subscriber of this process waits for the welcome of ``probe``."""
+        self.server.expect_probe(probe)
+
     def stats(self) -> dict[str, int]:
         return self.server.stats()
 

@@ -60,6 +60,11 @@ class RemoteCore:
     def lost(self) -> bool:
         return self.conn.lost
 
+    def expect_probe(self, probe: bytes) -> None:
+        """Tell the owner that a subscriber of this process waits for the welcome of
+        ``probe`` (one-way: the owner then watches for its subscription)."""
+        self.conn.send(Op.PROBE, [probe])
+
     def owner_alive(self) -> bool:
         return not self.conn.lost and self.conn.owner_alive()
 

@@ -33,7 +33,6 @@ from .config import Options
 from .errors import EncodeError, ProtocolError, ZkvTimeoutError
 from .locks import LockTable
 from .state import DELETE, Entry, State
-from .waker import Waker
 from .wire import Kind, Op, Status, send_frames
 
 __all__ = ["OWNER_SESSION", "Server"]
@@ -47,8 +46,11 @@ _LARGE = 64 * 1024
 _BATCH = 256  # requests handled per poll wake-up before looking at the other sockets
 _FLUSH_BATCH = 1024  # outbox items sent per poller turn, so that requests are served between
 _OUTBOX_LIMIT = 4096  # owner threads publishing past this wait for the poller to catch up
-_LIVENESS_PERIOD = 0.2  # seconds between checks that lock-holding clients are alive
-_SWEEP_EVERY = 25  # ticks between checks of every client session
+_TICK = 0.05  # seconds between housekeeping turns (the longest the poller blocks in recv)
+_LIVENESS_EVERY = 4  # ticks between checks that lock-holding clients are alive
+_SWEEP_EVERY = 100  # ticks between checks of every client session
+_PROBE_MEMORY = 10.0  # seconds an announced probe is awaited, and an answered one remembered
+_WAKE_ID = b"\x00zkv-wake"  # routing id of the owner threads' wake socket (clients use 12 bytes)
 _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
@@ -153,7 +155,19 @@ class Server:
             if self.directory is not None:
                 endpoint.remove_ipc_dir(self.directory)
             raise
-        self._waker = Waker()
+        # Owner threads wake the poller with an empty message on this inproc DEALER (under a
+        # lock: any thread may use it), so that the poller can block in a plain recv on its
+        # ROUTER, the cheapest wait there is, instead of polling several sockets.
+        self._wake_address = f"inproc://zkv-wake-{secrets.token_hex(6)}"
+        self._router.bind(self._wake_address)
+        self._wake_sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
+        self._wake_sock.setsockopt(zmq.ROUTING_ID, _WAKE_ID)
+        self._wake_sock.setsockopt(zmq.SNDHWM, 0)
+        self._wake_sock.connect(self._wake_address)
+        self._wake_lock = threading.Lock()
+        self._wake_pending = False
+        self._expected: dict[bytes, float] = {}  # probes announced but not yet seen
+        self._welcomed: dict[bytes, float] = {}  # probes answered lately
         self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
         self._room = threading.Condition()
         self._room_waiters = 0
@@ -194,6 +208,7 @@ class Server:
             Op.CACHE_WATCH: self._cache_watch,
             Op.CACHE_UNWATCH: self._cache_unwatch,
             Op.CACHE_SYNC: self._cache_sync,
+            Op.PROBE: self._probe,
         }
 
     def _secure(self, keys: auth.OwnerKeys) -> None:
@@ -227,10 +242,9 @@ class Server:
         if self._stopping:
             return
         self._stopping = True
-        self._waker.wake()
+        self._wake()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.options.linger + 5)
-        self._waker.close()
         if self.directory is not None:
             endpoint.remove_ipc_dir(self.directory)
 
@@ -241,7 +255,23 @@ class Server:
         ``("chg", kind, key, entry, version)`` or ``("reply", routing_id, frames)``."""
         self._outbox.append(item)
         if threading.get_ident() != self._thread_id:
-            self._waker.wake()
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._wake_pending:
+            return
+        with self._wake_lock:
+            if self._wake_pending or self._wake_sock.closed:
+                return
+            self._wake_pending = True
+            try:
+                self._wake_sock.send(b"", _NOBLOCK)
+            except zmq.ZMQError:
+                self._wake_pending = False
+
+    def expect_probe(self, probe: bytes) -> None:
+        """A subscriber (of this process) subscribed to ``probe`` and waits for its welcome."""
+        self.post(("probe", probe))
 
     def wait_for_room(self) -> None:
         """Block an owner thread (holding no store lock) while the outbox is over its limit:
@@ -271,50 +301,34 @@ class Server:
 
     def _run(self) -> None:
         self._thread_id = threading.get_ident()
-        router, xpub, wake_fd = self._router, self._xpub, self._waker.fd
-        items: list[Any] = [(router, _POLLIN), (xpub, _POLLIN), (wake_fd, _POLLIN)]
+        router, xpub = self._router, self._xpub
+        items: list[Any] = [(router, _POLLIN), (xpub, _POLLIN)]
         if self._zap is not None:  # tcp
             items += [(self._zap, _POLLIN), (self._monitor, _POLLIN),
                       (self._xpub_monitor, _POLLIN)]
+        router.setsockopt(zmq.RCVTIMEO, int(_TICK * 1000))
         self._started.set()
-        next_tick = time.monotonic() + _LIVENESS_PERIOD
+        next_tick = time.monotonic() + _TICK
         try:
             while not self._stopping:
                 now = time.monotonic()
                 if now >= next_tick:
-                    self._check_sessions()
-                    self.locks.expire(now)
-                    next_tick = now + _LIVENESS_PERIOD
-                    if self._outbox:
-                        self._flush_outbox()
-                timeout = next_tick - now
-                if self.locks.waiting:
-                    nearest = self.locks.expire(now)
-                    if nearest is not None:
-                        timeout = min(timeout, nearest - now)
-                try:
-                    ready = zmq.zmq_poll(items, max(0, int(timeout * 1000) + 1))
-                except zmq.ZMQError as exc:  # pragma: no cover - EINTR and the like
-                    log.debug("poll failed: %s", exc)
-                    continue
-                for sock, _events in ready:
-                    if sock is router:
-                        # Serve what is queued, checking for more without raising Again.
-                        for _ in range(_BATCH):
-                            try:
-                                frames = router.recv_multipart(_NOBLOCK, copy=False)
-                            except zmq.Again:
-                                break
-                            self._handle(frames)
-                            if not router.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
-                                break
-                    elif sock is xpub:
-                        self._read_subscriptions()
-                    elif sock is wake_fd:
-                        self._waker.drain()
-                    else:  # tcp: a ZAP request or a connection event
-                        self._answer_zap()
-                        self._read_monitor()
+                    self._tick(now)
+                    next_tick = now + _TICK
+                if self._expected or self.locks.waiting or self._zap is not None:
+                    # Something needs the other sockets watched (a subscriber waits for its
+                    # welcome, a lock wait has a deadline, tcp's ZAP and monitors): poll.
+                    self._poll(items, now, next_tick)
+                else:
+                    # Nothing but requests to wait for: block in recv, up to the next tick
+                    # (the socket's RCVTIMEO). Owner threads wake it with a message.
+                    try:
+                        frames = router.recv_multipart(_NOBLOCK if self._outbox else 0,
+                                                       copy=False)
+                    except zmq.Again:
+                        frames = None
+                    if frames is not None:
+                        self._handle(frames)
                 if self._outbox:
                     self._flush_outbox()
         except BaseException:  # a bug; keep the traceback
@@ -322,6 +336,8 @@ class Server:
             raise
         finally:
             self.state.on_change = None
+            with self._wake_lock:
+                self._wake_sock.close(0)
             self._router.close(0)
             self._xpub.close(int(self.options.linger * 1000))
             for extra in (self._monitor, self._xpub_monitor, self._zap):
@@ -333,7 +349,54 @@ class Server:
                 # get OwnerGoneError at once instead of waiting for their timeouts.
                 endpoint.remove_ipc_dir(self.directory)
 
+    def _tick(self, now: float) -> None:
+        """Housekeeping, every ``_TICK``: (un)subscriptions that arrived while the poller was
+        blocked in recv, lock deadlines, old probes, and now and then dead sessions."""
+        self._ticks += 1
+        if self._ticks % _LIVENESS_EVERY == 0:
+            self._check_sessions()
+        self.locks.expire(now)
+        self._read_subscriptions()
+        for table in (self._expected, self._welcomed):
+            for probe, deadline in list(table.items()):
+                if deadline < now:
+                    del table[probe]
+
+    def _poll(self, items: list[Any], now: float, next_tick: float) -> None:
+        router = self._router
+        timeout = next_tick - now
+        if self.locks.waiting:
+            nearest = self.locks.expire(now)
+            if nearest is not None:
+                timeout = min(timeout, nearest - now)
+        if self._outbox:
+            timeout = 0
+        try:
+            ready = zmq.zmq_poll(items, max(0, int(timeout * 1000) + 1) if timeout else 0)
+        except zmq.ZMQError as exc:  # pragma: no cover - EINTR and the like
+            log.debug("poll failed: %s", exc)
+            return
+        for sock, _events in ready:
+            if sock is router:
+                # Serve what is queued, checking for more without raising Again.
+                for _ in range(_BATCH):
+                    try:
+                        frames = router.recv_multipart(_NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self._handle(frames)
+                    if not router.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+                        break
+            elif sock is self._xpub:
+                self._read_subscriptions()
+            else:  # tcp: a ZAP request or a connection event
+                self._answer_zap()
+                self._read_monitor()
+
     def _handle(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) == 2 and not frames[1] and frames[0].bytes == _WAKE_ID:
+            self._wake_pending = False  # an owner thread queued work: the loop flushes it
+            return
         if len(frames) < 2:
             self._refuse("message without a header frame")
             return
@@ -429,11 +492,21 @@ class Server:
                 self._subscriptions[topic] += 1
                 if topic[:1] == b"w":
                     self._welcome(topic)
+                    self._expected.pop(topic, None)
+                    self._welcomed[topic] = time.monotonic() + _PROBE_MEMORY
             elif msg[0] == 0:
                 self._subscriptions[topic] -= 1
                 if self._subscriptions[topic] <= 0:
                     del self._subscriptions[topic]
             self._update_watch_hook()
+
+    def _expect(self, probe: bytes) -> None:
+        """A subscriber announced ``probe``: watch the XPUB socket until its subscription
+        arrives (it may have already; then it was answered)."""
+        if probe[:1] != b"w" or probe in self._welcomed:
+            return
+        self._expected[probe] = time.monotonic() + _PROBE_MEMORY
+        self._read_subscriptions()
 
     def _update_watch_hook(self) -> None:
         self._watch_topics = [t for t in self._subscriptions if t[:1] == b"k"]
@@ -472,8 +545,8 @@ class Server:
                     self._router.send_multipart(item[1], copy=False)
                 except zmq.ZMQError:
                     pass
-        if outbox:
-            self._waker.wake()
+            elif what == "probe":
+                self._expect(item[1])
         if self._room_waiters:
             with self._room:
                 self._room.notify_all()
@@ -511,7 +584,6 @@ class Server:
         """End the sessions of local client processes that died without saying BYE: at every
         tick for those that hold or wait for locks, every few seconds for the others (so that
         short-lived workers do not pile up)."""
-        self._ticks += 1
         if self._ticks % _SWEEP_EVERY == 0:
             suspects = list(self._sessions)
         else:
@@ -772,6 +844,12 @@ class Server:
         cacher = self._cachers.get(routing_id)
         return Status.OK, [_SEQ.pack(0 if cacher is None else cacher.seq)]
 
+    def _probe(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        if len(args) != 1:
+            raise ProtocolError("PROBE needs a probe topic")
+        self._expect(bytes(args[0]))
+        return None
+
     def _bye(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         if session in self._sessions:
             log.info("zkv session %s: BYE", session.hex())
@@ -780,11 +858,11 @@ class Server:
 
 
 _NOT_PIPELINED = frozenset({Op.HELLO, Op.PIPELINE, Op.LOCK, Op.PUBLISH, Op.BYE,
-                            Op.CACHE_WATCH, Op.CACHE_UNWATCH, Op.CACHE_SYNC})
+                            Op.CACHE_WATCH, Op.CACHE_UNWATCH, Op.CACHE_SYNC, Op.PROBE})
 _SEQ = struct.Struct("<Q")
 
 
-_ONE_WAY = frozenset({Op.PUBLISH, Op.BYE})
+_ONE_WAY = frozenset({Op.PUBLISH, Op.BYE, Op.PROBE})
 
 
 def _key(args: list[Any], what: str) -> str:

@@ -112,6 +112,7 @@ class Op(enum.IntEnum):
     CACHE_WATCH = 22  # this socket receives invalidations of keys under these prefixes
     CACHE_UNWATCH = 23
     CACHE_SYNC = 24  # where is this socket's invalidation sequence now?
+    PROBE = 25  # one-way: this process subscribed to a probe and waits for its welcome
 
 
 class Status(enum.IntEnum):
