@@ -227,7 +227,6 @@ class Server:
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * beat)
         self._monitor = auth.monitor(self._router, _MONITOR_EVENTS)
         self._xpub_monitor = auth.monitor(self._xpub, _MONITOR_EVENTS & ~zmq.EVENT_DISCONNECTED)
-        self._handle = self._handle_remote  # type: ignore[method-assign]
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -323,8 +322,7 @@ class Server:
                     # Nothing but requests to wait for: block in recv, up to the next tick
                     # (the socket's RCVTIMEO). Owner threads wake it with a message.
                     try:
-                        frames = router.recv_multipart(_NOBLOCK if self._outbox else 0,
-                                                       copy=False)
+                        frames = wire.recv_request(router, _NOBLOCK if self._outbox else 0)
                     except zmq.Again:
                         frames = None
                     if frames is not None:
@@ -381,10 +379,19 @@ class Server:
                 # Serve what is queued, checking for more without raising Again.
                 for _ in range(_BATCH):
                     try:
-                        frames = router.recv_multipart(_NOBLOCK, copy=False)
+                        if self._zap is None:
+                            frames = wire.recv_request(router, _NOBLOCK)
+                        else:  # tcp: HELLO needs the frames' metadata (which connection)
+                            raw = router.recv_multipart(_NOBLOCK, copy=False)
+                            self._current = raw
+                            frames = [f.bytes if i < 2 or len(f) < _LARGE else f
+                                      for i, f in enumerate(raw)]
                     except zmq.Again:
                         break
-                    self._handle(frames)
+                    try:
+                        self._handle(frames)
+                    finally:
+                        self._current = None
                     if not router.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
                         break
             elif sock is self._xpub:
@@ -393,17 +400,17 @@ class Server:
                 self._answer_zap()
                 self._read_monitor()
 
-    def _handle(self, frames: list[zmq.Frame]) -> None:
-        if len(frames) == 2 and not frames[1] and frames[0].bytes == _WAKE_ID:
+    def _handle(self, frames: list[Any]) -> None:
+        """Serve one request: ``[routing_id, header, *args]`` (bytes, large args as Frames)."""
+        if len(frames) == 2 and not frames[1] and frames[0] == _WAKE_ID:
             self._wake_pending = False  # an owner thread queued work: the loop flushes it
             return
         if len(frames) < 2:
             self._refuse("message without a header frame")
             return
-        routing_id = frames[0].bytes
+        routing_id = frames[0]
         try:
-            rid, op, args = wire.parse_request(
-                frames[1].bytes, [f.bytes if len(f) < _LARGE else f for f in frames[2:]])
+            rid, op, args = wire.parse_request(frames[1], frames[2:])
         except ProtocolError as exc:
             self._refuse(str(exc))
             return
@@ -425,15 +432,6 @@ class Server:
             result = (Status.ERROR, wire.encode_error(exc))
         if result is not None:
             self._reply(routing_id, rid, result[0], result[1], before)
-
-    def _handle_remote(self, frames: list[zmq.Frame]) -> None:
-        """:meth:`_handle` for tcp: keeps the frames in reach of HELLO, which records the
-        connection it came on."""
-        self._current = frames
-        try:
-            Server._handle(self, frames)
-        finally:
-            self._current = None
 
     def _reply(self, routing_id: bytes, rid: int, status: int, out: list[Frame],
                before: int) -> None:

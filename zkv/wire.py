@@ -70,6 +70,8 @@ __all__ = [
     "pack_welcome",
     "parse_welcome",
     "probe_topics",
+    "recv_reply",
+    "recv_request",
     "send_frames",
     "unpack_header",
     "unpack_meta",
@@ -317,6 +319,30 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[Frame], noblock: bool = 
     last = len(frames) - 1
     for i, frame in enumerate(frames):
         sock.send(frame, flags | _SNDMORE if i < last else flags, copy=False)
+
+
+_RCVMORE = int(zmq.RCVMORE)
+
+
+def recv_request(sock: zmq.Socket[Any], flags: int = 0) -> list[Any]:
+    """Receive one request on a ROUTER: ``[routing_id, header, *args]``. The first two frames
+    come as bytes; later frames as bytes when small, as ``zmq.Frame`` (not copied) when
+    large. Cheaper than ``recv_multipart(copy=False)`` plus ``.bytes``. Raises zmq.Again."""
+    frames: list[Any] = [sock.recv(flags)]
+    if sock.get(_RCVMORE):
+        frames.append(sock.recv())
+        while sock.get(_RCVMORE):
+            frame = sock.recv(copy=False)
+            frames.append(frame.bytes if len(frame) < _MERGE_LIMIT else frame)
+    return frames
+
+
+def recv_reply(sock: zmq.Socket[Any]) -> list[bytes]:
+    """Receive one message as bytes frames (a client copies every value once anyway)."""
+    frames = [sock.recv()]
+    while sock.get(_RCVMORE):
+        frames.append(sock.recv())
+    return frames
 
 
 def encode_json(obj: Any) -> bytes:
