@@ -26,7 +26,7 @@ import zmq
 
 from . import wire
 from .errors import OwnerGoneError, ZkvTimeoutError
-from .pubsub import GapCounter, Topics, decode, open_sub_socket
+from .pubsub import REPROBE_AFTER, GapCounter, Topics, decode, open_sub_socket
 from .waker import Waker
 from .wire import Kind
 
@@ -36,10 +36,25 @@ log = logging.getLogger("zkv.dispatch")
 
 
 @dataclasses.dataclass(eq=False)
+class _Pending:
+    """A subscription waiting for the owner's welcome."""
+
+    handler: _Handler
+    done: threading.Event
+    box: dict[str, BaseException]
+    deadline: float
+    reprobe_at: float
+    probes: list[bytes]
+
+
+@dataclasses.dataclass(eq=False)
 class _Handler:
     topics: Topics
     callback: Callable[[Any], Any]
     runner: _AsyncRunner | None
+    #: Set (on the dispatcher thread) when the owner's welcome arrives: from then on the
+    #: handler gets every message, and none published before its subscription was live.
+    live: bool = False
 
 
 class _AsyncRunner:
@@ -117,7 +132,7 @@ class Dispatcher:
         with self._mutex:
             self._handlers.append(handler)
             self._start()
-            self._commands.append(("sub", topics.all(), done, box))
+            self._commands.append(("sub", handler, done, box))
         self._waker.wake()
         if threading.current_thread() is self._thread:
             return
@@ -172,7 +187,7 @@ class Dispatcher:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._waker.fd, zmq.POLLIN)
-        pending: dict[bytes, tuple[threading.Event, dict[str, BaseException], float]] = {}
+        pending: dict[bytes, _Pending] = {}
         try:
             while not self._stopping:
                 ready = dict(poller.poll(100))
@@ -181,12 +196,15 @@ class Dispatcher:
                 while self._commands:
                     command = self._commands.popleft()
                     if command[0] == "sub":
-                        _, topics, done, box = command
+                        _, handler, done, box = command
+                        topics = handler.topics.all()
                         for topic in topics:
                             sock.setsockopt(zmq.SUBSCRIBE, topic)
                         probe = wire.make_probe(topics)
                         sock.setsockopt(zmq.SUBSCRIBE, probe)
-                        pending[probe] = (done, box, time.monotonic() + self._timeout)
+                        now = time.monotonic()
+                        pending[probe] = _Pending(handler, done, box, now + self._timeout,
+                                                  now + REPROBE_AFTER, [probe])
                     else:
                         for topic in command[1]:
                             sock.setsockopt(zmq.UNSUBSCRIBE, topic)
@@ -198,45 +216,62 @@ class Dispatcher:
                             break
                         self._on_message(sock, frames, pending)
                 if pending:
-                    self._expire(pending)
+                    self._expire(sock, pending)
         except Exception:  # pragma: no cover - a bug; keep the traceback
             log.exception("zkv dispatcher thread crashed")
         finally:
             sock.close(0)
+            self.gaps.report()
 
-    def _expire(self, pending: dict[bytes, tuple[threading.Event, dict[str, BaseException],
-                                                 float]]) -> None:
+    def _expire(self, sock: zmq.Socket[Any], pending: dict[bytes, _Pending]) -> None:
+        """Fail the subscriptions that waited too long; probe again for those that waited a
+        while (a welcome can be dropped like any message when this socket's queue is full)."""
         now = time.monotonic()
         gone = not self._alive()
-        for probe, (done, box, deadline) in list(pending.items()):
-            if gone or now > deadline:
-                box["error"] = OwnerGoneError("the zkv owner is gone") if gone else \
+        for waiting in {id(w): w for w in pending.values()}.values():
+            if gone or now > waiting.deadline:
+                waiting.box["error"] = OwnerGoneError("the zkv owner is gone") if gone else \
                     ZkvTimeoutError("the zkv owner did not confirm a subscription")
-                del pending[probe]
-                done.set()
+                self._settle(sock, pending, waiting)
+            elif now > waiting.reprobe_at:  # the answer to any of its probes will do
+                probe = wire.make_probe(waiting.handler.topics.all())
+                sock.setsockopt(zmq.SUBSCRIBE, probe)
+                waiting.probes.append(probe)
+                waiting.reprobe_at = now + REPROBE_AFTER
+                pending[probe] = waiting
+
+    @staticmethod
+    def _settle(sock: zmq.Socket[Any], pending: dict[bytes, _Pending], waiting: _Pending) -> None:
+        for probe in waiting.probes:
+            pending.pop(probe, None)
+            sock.setsockopt(zmq.UNSUBSCRIBE, probe)
+        waiting.done.set()
 
     def _on_message(self, sock: zmq.Socket[Any], frames: list[bytes],
-                    pending: dict[bytes, tuple[threading.Event, dict[str, BaseException],
-                                               float]]) -> None:
+                    pending: dict[bytes, _Pending]) -> None:
         if len(frames) < 2:
             return
         topic, meta = frames[0], frames[1]
         if topic in pending:
-            done, _box, _deadline = pending.pop(topic)
-            sock.setsockopt(zmq.UNSUBSCRIBE, topic)
+            waiting = pending[topic]
             snapshot = wire.parse_welcome(frames[2]) if len(frames) > 2 else {}
-            self.gaps.start(snapshot)
-            done.set()
+            with self._mutex:
+                live = [h for h in self._handlers if h.live]
+            # Count gaps from the welcome for topics no live handler follows; keep counting
+            # (losses before the welcome included) for those one does.
+            self.gaps.start(snapshot, lambda t: any(h.topics.matches(t) for h in live))
+            waiting.handler.live = True
+            self._settle(sock, pending, waiting)
             return
         try:
             seq, _version, kind = wire.unpack_meta(meta)
         except Exception:
             return
-        if kind == Kind.WELCOME or not self.gaps.accept(topic, seq):
+        if kind == Kind.WELCOME:
             return
         with self._mutex:
-            handlers = [h for h in self._handlers if h.topics.matches(topic)]
-        if not handlers:
+            handlers = [h for h in self._handlers if h.live and h.topics.matches(topic)]
+        if not handlers or not self.gaps.accept(topic, seq):
             return
         try:
             message, _kind = decode(topic, meta, frames[2:])
