@@ -34,6 +34,9 @@ __all__ = ["Dispatcher"]
 
 log = logging.getLogger("zkv.dispatch")
 
+#: Seconds :meth:`Dispatcher.close` waits for a running callback to return.
+CLOSE_WAIT = 2.0
+
 
 @dataclasses.dataclass(eq=False)
 class _Pending:
@@ -88,8 +91,9 @@ class _AsyncRunner:
     def close(self) -> None:
         if self._thread is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=5)
-            self.loop.close()
+            self._thread.join(timeout=CLOSE_WAIT)
+            if not self._thread.is_alive():  # else a coroutine blocks it: leave it be
+                self.loop.close()
 
 
 class Dispatcher:
@@ -108,6 +112,7 @@ class Dispatcher:
         self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
         self._waker = Waker()
         self._thread: threading.Thread | None = None
+        self._sock: zmq.Socket[Any] | None = None
         self._stopping = False
         self.gaps = GapCounter("zkv callbacks", hwm)
 
@@ -171,11 +176,20 @@ class Dispatcher:
             self._thread.start()
 
     def close(self) -> None:
-        """Stop the thread (after the callback running now, if any) and the event loop."""
+        """Stop the thread (after the callback running now, if any, has returned; waits at
+        most CLOSE_WAIT seconds for it) and the event loops."""
         self._stopping = True
         self._waker.wake()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=CLOSE_WAIT)
+            if thread.is_alive() and self._sock is not None:
+                # A callback is still running. Close its socket from here, or closing the
+                # ZeroMQ context (and so the process's exit) would wait for the callback;
+                # the thread stops when it returns, without touching the socket again.
+                log.warning("a zkv callback is still running after %.0fs; closing without "
+                            "waiting for it", CLOSE_WAIT)
+                self._sock.close(0)
         for runner in self._runners.values():
             runner.close()
         self._waker.close()
@@ -183,7 +197,7 @@ class Dispatcher:
     # -- the dispatcher thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        sock = open_sub_socket(self._ctx, self._address, self._hwm)
+        sock = self._sock = open_sub_socket(self._ctx, self._address, self._hwm)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._waker.fd, zmq.POLLIN)
@@ -215,6 +229,8 @@ class Dispatcher:
                         except zmq.Again:
                             break
                         self._on_message(sock, frames, pending)
+                        if self._stopping:
+                            return
                 if pending:
                     self._expire(sock, pending)
         except Exception:  # pragma: no cover - a bug; keep the traceback

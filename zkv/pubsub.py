@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -236,6 +237,7 @@ class Subscriber:
                 self._sock.setsockopt(zmq.SUBSCRIBE, topic)
             self._gaps.start(await_welcome(self._sock, topics.all(), timeout, alive))
         except BaseException:
+            self._closed = True
             self._sock.close(0)
             raise
 
@@ -349,6 +351,13 @@ class Subscriber:
 
     def __enter__(self) -> Subscriber:
         return self
+
+    def __del__(self) -> None:
+        # Close the socket before warning (a warning may be an error): an unclosed socket
+        # would keep the store's ZeroMQ context, and so the process's exit, waiting.
+        if not getattr(self, "_closed", True):
+            self.close()
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
 
     def __exit__(self, *exc: object) -> None:
         self.close()
