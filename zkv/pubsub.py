@@ -212,6 +212,13 @@ def await_welcome(sock: zmq.Socket[Any], topics: Sequence[bytes], timeout: float
             raise ZkvTimeoutError(f"the zkv owner did not confirm a subscription within {timeout}s")
 
 
+def _cancelling() -> bool:
+    """Whether the current asyncio task is being cancelled (Python 3.11+; else False)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
+
+
 class Subscriber:
     """Messages of some channels (or change events of some keys), pulled by the caller.
 
@@ -300,7 +307,14 @@ class Subscriber:
         while True:
             if self._closed:
                 raise StoreClosedError("this subscriber is closed")
-            events = await self._async_sock.poll(int(_SLICE * 1000))
+            try:
+                events = await self._async_sock.poll(int(_SLICE * 1000))
+            except asyncio.CancelledError:
+                # close() cancels the pending poll: that ends iteration; a cancelled task
+                # stays cancelled.
+                if self._closed and not _cancelling():
+                    raise StoreClosedError("this subscriber is closed") from None
+                raise
             if events:
                 with self._lock:
                     if self._closed:
