@@ -222,3 +222,26 @@ class TestOneOrder:
             kv.publish("self", "last")
             data = [sub.receive(timeout=10) for _ in range(5)]
         assert data == ["first", 0, 1, 2, "last"]
+
+
+def _publish_from_a_thread_that_ends(count: int) -> None:
+    kv = zkv.store()
+    payload = b"x" * 20_000
+    publisher = threading.Thread(target=lambda: [kv.publish("big", payload)
+                                                 for _ in range(count)])
+    publisher.start()
+    publisher.join()
+    kv.incr("after")  # a new thread's first request: the ended thread's socket is reaped
+
+
+class TestNoSilentLoss:
+    """Without overload nothing is lost: what a thread published before it ended arrives."""
+
+    def test_publishes_of_an_ended_thread_are_delivered(self, kv: zkv.Store) -> None:
+        count = 2000
+        with kv.subscribe("big") as sub:
+            proc = _start(mp.get_context("fork"), _publish_from_a_thread_that_ends, count)
+            for _ in range(count):
+                assert len(sub.receive(timeout=20)) == 20_000
+            _join_all([proc])
+            assert sub.dropped == 0
