@@ -5,13 +5,24 @@ thread-safe), sends from the calling thread and waits on that socket for the rep
 hop on the request path, and replies cannot cross between threads. Every request carries an id,
 so a late reply to a request that timed out is recognised and dropped.
 
-While it waits, a request checks every ``_SLICE`` seconds that the owner still exists (for ipc:
-its pid lives and its socket file is there), so a dead owner is reported within a fraction of a
-second, not at the end of the timeout.
+While it waits, a request checks every ``_SLICE`` seconds that the owner still exists, so a
+dead owner is reported within a fraction of a second, not at the end of the timeout. How that is
+checked depends on the transport (an *owner watch*, chosen once per connection):
+
+- ipc (:class:`IpcWatch`): the owner's pid lives and its socket file is there. Nothing is
+  added to the request path.
+- tcp (:class:`TcpWatch`): every socket speaks CURVE with this process's keys and exchanges
+  ZeroMQ heartbeats with the owner. One extra DEALER, the *session socket*, says HELLO and BYE
+  and is otherwise idle; a monitor on it reports the owner gone when that connection drops (the
+  owner's kernel closes it when the owner dies; heartbeats close it when the owner's host or the
+  network goes silent), and turns a refused handshake into :class:`~zkv.AuthenticationError`
+  at once. The owner, for its part, ends this process's session (and releases its locks) when
+  the session socket's connection drops.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -23,25 +34,123 @@ from typing import Any
 
 import zmq
 
-from . import codec, endpoint, wire
+from . import auth, codec, endpoint, wire
 from .codec import Frame
 from .config import Options
 from .errors import (
+    AuthenticationError,
     MessageTooLargeError,
     NoOwnerError,
     OwnerGoneError,
     ProtocolError,
     StoreClosedError,
+    ZkvConnectionError,
     ZkvTimeoutError,
 )
 from .wire import Op, Status
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "IpcWatch", "TcpWatch"]
 
 log = logging.getLogger("zkv.client")
 
 _SLICE = 0.1  # seconds between owner-liveness checks while a request waits
 _LARGE = 64 * 1024
+
+
+class IpcWatch:
+    """Owner liveness for ipc: its pid lives and its socket file exists."""
+
+    session_socket: zmq.Socket[Any] | None = None
+
+    def __init__(self, ep: endpoint.Endpoint) -> None:
+        endpoint.check_ipc_reachable(ep)
+        self._endpoint = ep
+
+    def alive(self) -> bool:
+        return self._endpoint.owner_present()
+
+    def failure(self, address: str, owner_pid: object) -> ZkvConnectionError:
+        return OwnerGoneError(f"the zkv owner (pid {owner_pid}) at {address} is gone")
+
+    def close(self, linger: float) -> None:
+        pass
+
+
+_CLIENT_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                  | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                  | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+class TcpWatch:
+    """Owner liveness and authentication outcome for tcp (see the module docstring).
+
+    Sets this process's CURVE keys and heartbeats as defaults of ``ctx``, so that every
+    socket made from it afterwards (request DEALERs, subscribers' SUBs) uses them.
+    """
+
+    def __init__(self, ctx: zmq.Context[Any], address: str, routing_id: bytes,
+                 keys: auth.ClientKeys, options: Options) -> None:
+        beat = int(options.heartbeat * 1000)
+        ctx.setsockopt(zmq.CURVE_SERVERKEY, keys.server_key)
+        ctx.setsockopt(zmq.CURVE_PUBLICKEY, keys.public_key)
+        ctx.setsockopt(zmq.CURVE_SECRETKEY, keys.secret_key)
+        ctx.setsockopt(zmq.HEARTBEAT_IVL, beat)
+        ctx.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * beat)
+        ctx.setsockopt(zmq.HEARTBEAT_TTL, min(3 * beat, 6_553_000))
+        self._address = address
+        self._lock = threading.Lock()
+        self._up = False
+        self._error: ZkvConnectionError | None = None
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, routing_id)
+        sock.setsockopt(zmq.LINGER, int(options.linger * 1000))
+        sock.setsockopt(zmq.RCVTIMEO, int(_SLICE * 1000))  # HELLO waits in slices
+        self._monitor = auth.monitor(sock, _CLIENT_EVENTS)
+        sock.connect(address)
+        self.session_socket: zmq.Socket[Any] | None = sock
+
+    def alive(self) -> bool:
+        with self._lock:
+            if self._error is None and self.session_socket is not None:
+                for event, value in auth.drain_events(self._monitor):
+                    self._on_event(event, value)
+            return self._error is None
+
+    def _on_event(self, event: int, value: int) -> None:
+        where = self._address
+        if self._error is not None:
+            return
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._up = True
+        elif self._up:
+            if event == zmq.EVENT_DISCONNECTED:
+                self._error = OwnerGoneError(
+                    f"the connection to the zkv owner at {where} was lost: the owner died or "
+                    f"closed, or it stopped answering heartbeats")
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            self._error = AuthenticationError(
+                f"the zkv owner at {where} refused this client's key (ZAP status {value}): "
+                f"its public key is not among the owner's allowed clients (DIR/clients/*.key "
+                f"of the owner's `zkv keygen` directory)")
+        elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            self._error = AuthenticationError(
+                f"the CURVE handshake with {where} failed: the server key this client was "
+                f"given (server.key) is not the owner's, or the peer is not a zkv tcp owner")
+        elif event == zmq.EVENT_CONNECT_RETRIED:
+            self._error = NoOwnerError(f"no zkv owner at {where}: the connection was refused "
+                                       f"or the host cannot be reached")
+
+    def failure(self, address: str, owner_pid: object) -> ZkvConnectionError:
+        """A new exception saying why the owner is not reachable."""
+        error = self._error or OwnerGoneError(f"the zkv owner at {address} is gone")
+        return type(error)(str(error))
+
+    def close(self, linger: float) -> None:
+        with self._lock:
+            if self.session_socket is not None:
+                self.session_socket.close(int(linger * 1000))
+                self._monitor.close(0)
+                self.session_socket = None
 
 
 class Connection:
@@ -54,26 +163,39 @@ class Connection:
         self.address = address
         self.options = options
         self.endpoint = endpoint.parse(address)
-        if self.endpoint.is_ipc:
-            endpoint.check_ipc_reachable(self.endpoint)
         self._pid = os.getpid()
-        self._ctx = zmq.Context(io_threads=1)
         self._session = os.urandom(8)
+        self._watch: IpcWatch | TcpWatch
+        if self.endpoint.is_ipc:
+            self._watch = IpcWatch(self.endpoint)
+            self._ctx = zmq.Context(io_threads=1)
+        else:
+            keys = auth.client_keys(options.keys, address)  # before anything is opened
+            self._ctx = zmq.Context(io_threads=1)
+            try:
+                self._watch = TcpWatch(self._ctx, address, self._session + bytes(4), keys,
+                                       options)
+            except BaseException:
+                self._ctx.term()
+                raise
         self._local = threading.local()
         self._sockets: dict[int, tuple[weakref.ref[threading.Thread], zmq.Socket[Any]]] = {}
         self._sockets_lock = threading.Lock()
-        self._next_socket = 0
+        self._socket_ids = itertools.count(1)
         self._closed = False
         self._lost = False
         self._busy: set[int] = set()  # threads inside request()
         self.max_message_size = options.max_message_size
         codec.register_main_by_value()
         try:
-            status, reply = self.request(
-                Op.HELLO,
-                [wire.encode_json({"pid": os.getpid(), "host": socket.gethostname()})],
-                timeout=min(options.timeout, 10.0),
-            )
+            hello = [wire.encode_json({"pid": os.getpid(), "host": socket.gethostname()})]
+            timeout = min(options.timeout, 10.0)
+            if self._watch.session_socket is None:
+                status, reply = self.request(Op.HELLO, hello, timeout=timeout)
+            else:
+                status, reply, _before, _after = self._exchange(
+                    self._watch.session_socket, 1, Op.HELLO, hello, time.monotonic() + timeout,
+                    timeout)
             if status != Status.OK or not reply:
                 raise ProtocolError("the owner refused HELLO")
             info = wire.decode_json(reply[0])
@@ -113,16 +235,23 @@ class Connection:
             raise StoreClosedError("this connection belongs to the parent process")
         with self._sockets_lock:
             self._reap_dead_threads()
-            sock = self._ctx.socket(zmq.DEALER)
-            self._next_socket += 1
-            sock.setsockopt(zmq.ROUTING_ID,
-                            self._session + self._next_socket.to_bytes(4, "little"))
-            sock.setsockopt(zmq.LINGER, int(self.options.linger * 1000))
-            sock.setsockopt(zmq.SNDHWM, 1000)
-            sock.connect(self.address)
+            sock = self.open_socket()
             self._sockets[threading.get_ident()] = (weakref.ref(threading.current_thread()), sock)
         self._local.sock = sock
         self._local.rid = int.from_bytes(os.urandom(4), "little")
+        return sock
+
+    def open_socket(self, rcvhwm: int = 1000) -> zmq.Socket[Any]:
+        """A new DEALER connected to the owner, with a routing id of this session. The caller
+        owns it (and closes it before this connection closes)."""
+        sock = self._ctx.socket(zmq.DEALER)
+        number = next(self._socket_ids)
+        sock.setsockopt(zmq.ROUTING_ID, self._session + number.to_bytes(4, "little"))
+        sock.setsockopt(zmq.LINGER, int(self.options.linger * 1000))
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        sock.setsockopt(zmq.RCVTIMEO, int(_SLICE * 1000))
+        sock.connect(self.address)
         return sock
 
     def _reap_dead_threads(self) -> None:
@@ -137,10 +266,12 @@ class Connection:
 
     def owner_alive(self) -> bool:
         """Cheap check that the owner still exists (see the module docstring)."""
-        return self.endpoint.owner_present()
+        return self._watch.alive()
 
     def _check_size(self, frames: Sequence[Frame]) -> None:
-        if len(frames) > 1 or (frames and len(frames[0]) >= _LARGE):
+        # Even one frame over the limit must be caught here: the owner's ZeroMQ would drop the
+        # connection without a word, and the caller would wait for its timeout.
+        if len(frames) > 1 or (frames and len(frames[0]) > min(_LARGE, self.max_message_size)):
             size = codec.frames_size(frames)
             if size > self.max_message_size:
                 raise MessageTooLargeError(
@@ -154,6 +285,13 @@ class Connection:
         ``timeout`` defaults to the store's; ``float("inf")`` waits as long as the owner lives.
         Raises ZkvTimeoutError, OwnerGoneError, MessageTooLargeError or StoreClosedError.
         """
+        status, reply, _before, _after = self.request_versioned(op, frames, timeout)
+        return status, reply
+
+    def request_versioned(self, op: int, frames: Sequence[Frame], timeout: float | None = None
+                          ) -> tuple[int, list[Any], int, int]:
+        """Like :meth:`request`, also returning the store's change counter just before and
+        just after the owner applied the request (see :mod:`zkv.wire`)."""
         if self._lost:
             raise OwnerGoneError(f"the zkv owner at {self.address} is gone")
         sock = self._socket()
@@ -171,26 +309,30 @@ class Connection:
             self._busy.discard(me)
 
     def _exchange(self, sock: zmq.Socket[Any], rid: int, op: int, frames: Sequence[Frame],
-                  deadline: float, timeout: float) -> tuple[int, list[Any]]:
+                  deadline: float, timeout: float) -> tuple[int, list[Any], int, int]:
         self._send(sock, [wire.pack_header(rid, op), *frames], deadline)
         while True:
-            remaining = deadline - time.monotonic()
-            wait = _SLICE if remaining > _SLICE else max(remaining, 0.0)
-            if sock.poll(int(wait * 1000), zmq.POLLIN):
-                reply = sock.recv_multipart(copy=False)
-                try:
-                    got, status = wire.unpack_header(reply[0].bytes)
-                except ProtocolError:
-                    log.warning("dropped a malformed reply")
-                    continue
-                if got != rid:
-                    continue  # the late reply of a request that timed out
-                return status, [f.bytes if len(f) < _LARGE else f for f in reply[1:]]
-            self._check_owner()
-            if remaining <= 0:
-                raise ZkvTimeoutError(
-                    f"no reply from the zkv owner within {timeout}s ({Op(op).name}); "
-                    "the timeout is settable per store (timeout=...) or with ZKV_TIMEOUT")
+            try:
+                # Blocks at most _SLICE (the socket's RCVTIMEO). copy=True costs nothing more:
+                # every value is copied once when it is unpickled anyway.
+                reply = sock.recv_multipart()
+            except zmq.Again:
+                self._check_owner()
+                if time.monotonic() >= deadline:
+                    raise ZkvTimeoutError(
+                        f"no reply from the zkv owner within {timeout}s ({Op(op).name}); "
+                        "the timeout is settable per store (timeout=...) or with ZKV_TIMEOUT"
+                    ) from None
+                continue
+            try:
+                got, status, before, after = wire.unpack_reply(reply[0])
+            except ProtocolError:
+                log.warning("dropped a malformed reply")
+                continue
+            if got != rid:
+                continue  # the late reply of a request that timed out
+            del reply[0]
+            return status, reply, before, after
 
     def send(self, op: int, frames: Sequence[Frame]) -> None:
         """Send a one-way message (no reply). Blocks, up to the timeout, only while the owner
@@ -205,7 +347,7 @@ class Connection:
     def _send(self, sock: zmq.Socket[Any], frames: list[Frame], deadline: float) -> None:
         while True:
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                wire.send_frames(sock, frames)
                 return
             except zmq.Again:
                 pass
@@ -218,11 +360,9 @@ class Connection:
     def _check_owner(self) -> None:
         if self._closed:
             raise StoreClosedError("this zkv store was closed while a request was waiting")
-        if not self.owner_alive():
+        if not self._watch.alive():
             self._lost = True
-            raise OwnerGoneError(
-                f"the zkv owner (pid {self.owner_pid if hasattr(self, 'owner_pid') else '?'}) "
-                f"at {self.address} is gone")
+            raise self._watch.failure(self.address, getattr(self, "owner_pid", "?"))
 
     @property
     def lost(self) -> bool:
@@ -244,9 +384,10 @@ class Connection:
         if linger is None:
             linger = 0.0 if self._lost or not self.owner_alive() else self.options.linger
         if not self._lost and hasattr(self, "owner_pid"):
-            try:
-                self.send(Op.BYE, [])
-            except Exception:  # best effort: the owner also notices a dead process
+            try:  # best effort, never waiting: the owner also notices a dead process
+                sock = self._watch.session_socket or self._socket()
+                sock.send_multipart([wire.pack_header(0, Op.BYE)], zmq.NOBLOCK)
+            except Exception:
                 pass
         self._closed = True
         # Requests waiting in other threads notice within one slice and stop using their socket.
@@ -258,5 +399,6 @@ class Connection:
             for _ref, sock in self._sockets.values():
                 sock.close(int(linger * 1000))
             self._sockets.clear()
+        self._watch.close(linger)
         self._ctx.term()
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import pickle
 import sys
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
 import cloudpickle
 
@@ -29,7 +29,7 @@ from .errors import DecodeError, EncodeError
 __all__ = ["IMMUTABLE_TYPES", "RAW_THRESHOLD", "Frame", "dumps", "frames_size", "loads"]
 
 #: Anything zkv can put in a frame: bytes, a memoryview, or a ``zmq.Frame``.
-Frame = Union[bytes, memoryview, Any]
+Frame = bytes | memoryview | Any
 
 #: Types whose values cannot change after creation; zkv hands these out without copying.
 IMMUTABLE_TYPES: frozenset[type] = frozenset(
@@ -105,6 +105,8 @@ def loads(frames: Sequence[Frame]) -> Any:
     :class:`DecodeError` with the original reason when the value cannot be unpickled here (a
     class this process cannot import, a corrupted pickle, ...).
     """
+    if not frames:
+        raise DecodeError("malformed value: no frames")
     first = frames[0]
     if len(first) == 0:
         if len(frames) != 2:

@@ -1,16 +1,24 @@
 """Settings of a store, from keyword arguments and environment variables.
 
-=====================  ==========================  ===========  =========================================
-option                 environment variable        default      meaning
-=====================  ==========================  ===========  =========================================
-``timeout``            ``ZKV_TIMEOUT``             30.0         seconds a request may take before
-                                                                :class:`~zkv.ZkvTimeoutError`
-``hwm``                ``ZKV_HWM``                 100000       pub/sub high-water mark: messages queued
-                                                                per subscriber before it loses some
-``max_message_size``   ``ZKV_MAX_MESSAGE_SIZE``    1 GiB        largest message (bytes) a store accepts
-``linger``             ``ZKV_LINGER``              1.0          seconds a closing process waits to flush
-                                                                messages it has queued (publishes)
-=====================  ==========================  ===========  =========================================
+====================  ========================  =======  ==========================================
+option                environment variable      default  meaning
+====================  ========================  =======  ==========================================
+``timeout``           ``ZKV_TIMEOUT``           30.0     seconds a request may take before
+                                                         :class:`~zkv.ZkvTimeoutError`
+``hwm``               ``ZKV_HWM``               100000   high-water mark: messages queued per
+                                                         subscriber before it loses some
+``max_message_size``  ``ZKV_MAX_MESSAGE_SIZE``  1 GiB    largest message (bytes) a store accepts
+``linger``            ``ZKV_LINGER``            1.0      seconds a closing process waits to
+                                                         flush what it queued (publishes)
+``keys``              ``ZKV_KEYS``              None     tcp only: CURVE credentials, a directory
+                                                         made by ``zkv keygen`` (or
+                                                         :class:`~zkv.auth.OwnerKeys` /
+                                                         :class:`~zkv.auth.ClientKeys`)
+``heartbeat``         ``ZKV_HEARTBEAT``         1.0      tcp only: seconds between ZeroMQ
+                                                         heartbeats; a peer silent 3 times as
+                                                         long is disconnected (owner: its session
+                                                         ends; client: OwnerGoneError)
+====================  ========================  =======  ==========================================
 
 Keyword arguments win over environment variables, which win over the defaults.
 """
@@ -22,6 +30,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from .auth import ClientKeys, KeysOption, OwnerKeys
+
 __all__ = ["Options"]
 
 _ENV = {
@@ -29,7 +39,10 @@ _ENV = {
     "hwm": "ZKV_HWM",
     "max_message_size": "ZKV_MAX_MESSAGE_SIZE",
     "linger": "ZKV_LINGER",
+    "keys": "ZKV_KEYS",
+    "heartbeat": "ZKV_HEARTBEAT",
 }
+_FLOATS = ("timeout", "linger", "heartbeat")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +53,8 @@ class Options:
     hwm: int = 100_000
     max_message_size: int = 1 << 30
     linger: float = 1.0
+    keys: KeysOption = None
+    heartbeat: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("timeout", "linger"):
@@ -52,6 +67,12 @@ class Options:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, not {value!r}")
+        if not isinstance(self.keys, (str, os.PathLike, OwnerKeys, ClientKeys, type(None))):
+            raise TypeError(f"keys must be a directory made by `zkv keygen`, OwnerKeys or "
+                            f"ClientKeys, not {type(self.keys).__name__}")
+        beat = self.heartbeat
+        if isinstance(beat, bool) or not isinstance(beat, (int, float)) or not 0.01 <= beat <= 600:
+            raise ValueError(f"heartbeat must be a number of seconds in [0.01, 600], not {beat!r}")
 
     @classmethod
     def from_env(cls, overrides: Mapping[str, Any] | None = None,
@@ -73,7 +94,10 @@ class Options:
                 values[name] = overrides[name]
             elif environ.get(var):
                 raw = environ[var]
-                kind = float if name in ("timeout", "linger") else int
+                if name == "keys":
+                    values[name] = raw
+                    continue
+                kind = float if name in _FLOATS else int
                 try:
                     values[name] = kind(raw)
                 except ValueError:

@@ -11,6 +11,10 @@ Discovery, in order:
 2. the ancestors of this process: an owner whose pid is an ancestor of ours has a directory
    named after its pid (this finds the owner from a forkserver child whose server was started
    before the store existed).
+
+An ipc ``ZKV_ENDPOINT`` whose owner is gone (a forkserver keeps the environment it was started
+with, which may name a store closed since) is passed over for a live owner among the ancestors;
+if there is none, the stale address is returned and connecting to it says it is stale.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .errors import NoOwnerError
 __all__ = [
     "ENV_VAR",
     "Endpoint",
+    "discover",
     "find_ancestor_owner",
     "make_ipc_dir",
     "parse",
@@ -46,6 +51,9 @@ ENV_VAR = "ZKV_ENDPOINT"
 _MAX_SOCKET_PATH = 107
 _REQ_NAME = "r"
 _PUB_NAME = "p"
+_HOW_TO_CONNECT = ("Create the store in the main process (zkv.store() or zkv.serve()) before "
+                   "starting other processes, or pass a live owner's endpoint to "
+                   "zkv.connect(endpoint).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +234,21 @@ def find_ancestor_owner() -> str | None:
     return None
 
 
+def discover() -> str | None:
+    """The endpoint this process should join, by the discovery order of the module docstring,
+    or None if there is nothing to join."""
+    address = os.environ.get(ENV_VAR)
+    if not address:
+        return find_ancestor_owner()
+    try:
+        stale = not parse(address).owner_present()
+    except ValueError:
+        return address  # connecting reports what is wrong with it
+    if stale:
+        return find_ancestor_owner() or address
+    return address
+
+
 def check_ipc_reachable(ep: Endpoint) -> None:
     """Fail fast (NoOwnerError) if an ipc endpoint has no live owner behind it."""
     assert ep.directory is not None
@@ -233,13 +256,14 @@ def check_ipc_reachable(ep: Endpoint) -> None:
     if not path.exists():
         raise NoOwnerError(
             f"no zkv owner at {ep.address}: the socket does not exist (the owner exited, or "
-            f"{ENV_VAR} is stale)"
+            f"{ENV_VAR} is stale). {_HOW_TO_CONNECT}"
         )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)
         probe.connect(str(path))
     except OSError as exc:
-        raise NoOwnerError(f"no zkv owner listening at {ep.address}: {exc}") from exc
+        raise NoOwnerError(f"no zkv owner listening at {ep.address}: {exc}. "
+                           f"{_HOW_TO_CONNECT}") from exc
     finally:
         probe.close()

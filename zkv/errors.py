@@ -7,7 +7,7 @@ means the same thing, so that ``except TimeoutError`` or ``except ConnectionErro
      ├── ZkvConnectionError (ConnectionError)   the owner cannot be reached
      │    ├── NoOwnerError                      no owner was found to connect to
      │    ├── OwnerGoneError                    the owner died or closed its store
-     │    └── AuthenticationError (PermissionError)  credentials missing or refused
+     │    └── AuthenticationError (PermissionError)  credentials missing/refused
      ├── ZkvTimeoutError (TimeoutError)         a request or a receive timed out
      ├── SerializationError
      │    ├── EncodeError (pickle.PicklingError)    a value cannot be pickled (names its type)
@@ -16,7 +16,7 @@ means the same thing, so that ``except TimeoutError`` or ``except ConnectionErro
      ├── StoreClosedError (RuntimeError)        the store was closed by this process
      ├── LockError (RuntimeError)               releasing a lock that is not held
      ├── ProtocolError                          a peer sent frames zkv does not understand
-     └── RemoteError                            the owner failed and the cause cannot be carried back
+     └── RemoteError                            the owner failed; the cause cannot be carried back
 
 Errors raised by user code that runs in the owner (the function given to ``modify`` or
 ``transact``) are re-raised in the caller as themselves, with the owner's traceback attached as

@@ -62,12 +62,9 @@ class LocalCore:
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         data = self.state.data
-        out = {}
-        for key in keys:
-            entry = data.get(key)
-            if entry is not None:
-                out[key] = entry.load()
-        return out
+        with self.state.lock:  # read atomically: never half of a concurrent set_many
+            entries = [(key, data.get(key)) for key in keys]
+        return {key: entry.load() for key, entry in entries if entry is not None}
 
     # -- writes ----------------------------------------------------------------------------------
 
@@ -106,10 +103,11 @@ class LocalCore:
     def transact(self, fn: Callable[[Any], Any]) -> Any:
         return self.state.transact(fn)
 
-    def execute(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+    def execute(self, calls: list[tuple[str, tuple[Any, ...]]],
+                out: list[Any] | None = None) -> list[Any]:
         """Run queued operations in order, as one atomic step. Every operation runs; the first
-        error is raised after all of them."""
-        results: list[Any] = []
+        error is raised after all of them. The results are also appended to ``out``."""
+        results: list[Any] = [] if out is None else out
         first_error: BaseException | None = None
         with self.state.lock:
             for name, args in calls:
@@ -151,6 +149,7 @@ class LocalCore:
 
     def publish(self, channel: str, data: Any) -> None:
         frames = codec.dumps(data, copy_buffers=True)
+        self.server.wait_for_room()  # (never under the state lock: the poller may need it)
         with self.state.lock:  # in order with the change events of concurrent writes
             self.server.post(("pub", wire.key_bytes(channel), frames))
 

@@ -83,6 +83,11 @@ class LockTable:
         self._waiting.pop(name, None)
         del self._held[name]
 
+    @property
+    def waiting(self) -> bool:
+        """Whether anyone waits for a lock (cheap; no lock taken)."""
+        return bool(self._waiting)
+
     def expire(self, now: float) -> float | None:
         """Time out waiters whose deadline passed; return the next deadline, if any."""
         nearest: float | None = None

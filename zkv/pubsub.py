@@ -176,7 +176,7 @@ class GapCounter:
 
 
 def open_sub_socket(ctx: zmq.Context[Any], address: str, hwm: int) -> zmq.Socket[Any]:
-    sock = ctx.socket(zmq.SUB)
+    sock: zmq.Socket[Any] = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.RCVHWM, hwm)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)

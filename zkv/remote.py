@@ -14,6 +14,7 @@ from typing import Any
 import zmq
 
 from . import codec, wire
+from .cache import NOHIT, ReadCache
 from .client import Connection
 from .codec import Frame
 from .config import Options
@@ -24,7 +25,10 @@ from .wire import Op, Status
 __all__ = ["RemoteCore"]
 
 Decode = Callable[[int, list[Any]], Any]
-Encoded = tuple[int, list[Frame], Decode]
+#: An encoded operation: op, frames, how to decode the reply, and the key it writes (None if it
+#: writes none; ``ALL`` if it may write any key).
+Encoded = tuple[int, list[Frame], Decode, Any]
+ALL: Any = object()
 
 
 def _ok(status: int, frames: list[Any]) -> None:
@@ -50,6 +54,7 @@ class RemoteCore:
         self.endpoint = address
         self.pub_address = self.conn.pub_address
         self.context: zmq.Context[Any] = self.conn.context
+        self._cache: ReadCache | None = None
 
     @property
     def lost(self) -> bool:
@@ -59,38 +64,69 @@ class RemoteCore:
         return not self.conn.lost and self.conn.owner_alive()
 
     def _call(self, encoded: Encoded, timeout: float | None = None) -> Any:
-        op, frames, decode = encoded
-        status, reply = self.conn.request(op, frames, timeout)
+        op, frames, decode, writes = encoded
+        status, reply, _before, after = self.conn.request_versioned(op, frames, timeout)
+        if writes is not None and self._cache is not None:
+            self._cache.written(None if writes is ALL else [writes], after)
         if status == Status.ERROR:
             raise wire.decode_error(reply)
         return decode(status, reply)
+
+    # -- the read cache --------------------------------------------------------------------------
+
+    def enable_cache(self, prefix: str, max_entries: int) -> None:
+        if self._cache is None:
+            hwm = self.conn.hwm
+            self._cache = ReadCache(self.conn.open_socket(rcvhwm=hwm), hwm=hwm,
+                                    timeout=self.options.timeout, alive=self.owner_alive,
+                                    max_entries=max_entries)
+        self._cache.max_entries = max_entries
+        self._cache.add(prefix)
+
+    def disable_cache(self, prefix: str | None) -> None:
+        if self._cache is not None:
+            self._cache.remove(prefix)
+
+    @property
+    def cache(self) -> ReadCache | None:
+        return self._cache
+
+    def _cached_get(self, cache: ReadCache, key: str, default: Any) -> Any:
+        value = cache.lookup(key)
+        if value is NOHIT:
+            status, reply, before, _after = self.conn.request_versioned(
+                Op.GET, [wire.key_bytes(key)])
+            if status == Status.ERROR:
+                raise wire.decode_error(reply)
+            value = cache.fill(key, before, reply if status == Status.OK else None)
+        return default if value is MISSING else value
 
     # -- encoders --------------------------------------------------------------------------------
 
     def _get(self, key: str, default: Any = None) -> Encoded:
         def decode(status: int, frames: list[Any]) -> Any:
             return codec.loads(frames) if status == Status.OK else default
-        return Op.GET, [wire.key_bytes(key)], decode
+        return Op.GET, [wire.key_bytes(key)], decode, None
 
     def _set(self, key: str, value: Any) -> Encoded:
-        return Op.SET, [wire.key_bytes(key), *codec.dumps(value)], _ok
+        return Op.SET, [wire.key_bytes(key), *codec.dumps(value)], _ok, key
 
     def _delete(self, key: str) -> Encoded:
-        return Op.DELETE, [wire.key_bytes(key)], _found
+        return Op.DELETE, [wire.key_bytes(key)], _found, key
 
     def _contains(self, key: str) -> Encoded:
-        return Op.CONTAINS, [wire.key_bytes(key)], _found
+        return Op.CONTAINS, [wire.key_bytes(key)], _found, None
 
     def _modify(self, key: str, fn: Callable[[Any], Any], default: Any) -> Encoded:
         frames = wire.pack_sections([[wire.key_bytes(key)], codec.dumps(fn),
                                      codec.dumps(default)])
-        return Op.MODIFY, frames, _value
+        return Op.MODIFY, frames, _value, key
 
     def _incr(self, key: str, amount: int | float) -> Encoded:
-        return Op.INCR, [wire.key_bytes(key), *codec.dumps(amount)], _value
+        return Op.INCR, [wire.key_bytes(key), *codec.dumps(amount)], _value, key
 
     def _setdefault(self, key: str, default: Any) -> Encoded:
-        return Op.SETDEFAULT, [wire.key_bytes(key), *codec.dumps(default)], _value
+        return Op.SETDEFAULT, [wire.key_bytes(key), *codec.dumps(default)], _value, key
 
     def _pop(self, key: str, default: Any) -> Encoded:
         def decode(status: int, frames: list[Any]) -> Any:
@@ -99,16 +135,19 @@ class RemoteCore:
             if default is MISSING:
                 raise KeyError(key)
             return default
-        return Op.POP, [wire.key_bytes(key)], decode
+        return Op.POP, [wire.key_bytes(key)], decode, key
 
     def _compare_and_set(self, key: str, expected: Any, new: Any) -> Encoded:
         frames = wire.pack_sections([[wire.key_bytes(key)], codec.dumps(expected),
                                      codec.dumps(new)])
-        return Op.CAS, frames, _found
+        return Op.CAS, frames, _found, key
 
     # -- operations ------------------------------------------------------------------------------
 
     def get(self, key: str, default: Any = None) -> Any:
+        cache = self._cache
+        if cache is not None and cache.covers(key):
+            return self._cached_get(cache, key, default)
         return self._call(self._get(key, default))
 
     def set(self, key: str, value: Any) -> None:
@@ -136,15 +175,15 @@ class RemoteCore:
         return bool(self._call(self._compare_and_set(key, expected, new)))
 
     def length(self) -> int:
-        return self._call((Op.LEN, [], _value))  # type: ignore[no-any-return]
+        return self._call((Op.LEN, [], _value, None))  # type: ignore[no-any-return]
 
     def keys(self) -> list[str]:
         def decode(status: int, frames: list[Any]) -> list[str]:
             return [wire.key_str(f) for f in frames]
-        return self._call((Op.KEYS, [], decode))  # type: ignore[no-any-return]
+        return self._call((Op.KEYS, [], decode, None))  # type: ignore[no-any-return]
 
     def clear(self) -> None:
-        self._call((Op.CLEAR, [], _ok))
+        self._call((Op.CLEAR, [], _ok, ALL))
 
     def get_all(self) -> dict[str, Any]:
         def decode(status: int, frames: list[Any]) -> dict[str, Any]:
@@ -153,43 +192,51 @@ class RemoteCore:
                 raise ProtocolError("get_all reply has an odd number of sections")
             return {wire.key_str(sections[i][0]): codec.loads(sections[i + 1])
                     for i in range(0, len(sections), 2)}
-        return self._call((Op.GET_ALL, [], decode))  # type: ignore[no-any-return]
+        return self._call((Op.GET_ALL, [], decode, None))  # type: ignore[no-any-return]
 
     def transact(self, fn: Callable[[Any], Any]) -> Any:
-        return self._call((Op.TRANSACT, codec.dumps(fn), _value))
+        return self._call((Op.TRANSACT, codec.dumps(fn), _value, ALL))
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         keys = list(keys)
         values = self.execute([("get", (key, MISSING)) for key in keys])
-        return {key: value for key, value in zip(keys, values) if value is not MISSING}
+        return {key: value for key, value in zip(keys, values, strict=True)
+                if value is not MISSING}
 
     def set_many(self, items: list[tuple[str, Any]]) -> None:
         self.execute([("set", item) for item in items])
 
-    def execute(self, calls: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        """Send queued operations as one PIPELINE request; return their results in order. The
-        owner applies them as one atomic step; every operation runs, and the first error is
-        raised after all of them."""
+    def execute(self, calls: list[tuple[str, tuple[Any, ...]]],
+                out: list[Any] | None = None) -> list[Any]:
+        """Send queued operations as one PIPELINE request; return their results in order (also
+        appended to ``out``, which keeps them when an error is raised). The owner applies them
+        as one atomic step; every operation runs, and the first error is raised after all of
+        them."""
         if not calls:
             return []
         index = array("I")
         frames: list[Frame] = [b""]
         decoders: list[Decode] = []
+        written: list[str] = []
         for name, args in calls:
-            op, sub, decode = getattr(self, "_" + name)(*args)
+            op, sub, decode, writes = getattr(self, "_" + name)(*args)
             index.append(op)
             index.append(len(sub))
             frames.extend(sub)
             decoders.append(decode)
+            if writes is not None:
+                written.append(writes)
         frames[0] = index.tobytes()
-        status, reply = self.conn.request(Op.PIPELINE, frames)
+        status, reply, _before, after = self.conn.request_versioned(Op.PIPELINE, frames)
+        if written and self._cache is not None:
+            self._cache.written(written, after)
         if status == Status.ERROR:
             raise wire.decode_error(reply)
         out_index = array("I")
         out_index.frombytes(reply[0])
         if len(out_index) != 2 * len(calls):
             raise ProtocolError("pipeline reply does not match the request")
-        results: list[Any] = []
+        results: list[Any] = [] if out is None else out
         first_error: BaseException | None = None
         at = 1
         for i, decode in enumerate(decoders):
@@ -239,7 +286,9 @@ class RemoteCore:
     def stats(self) -> dict[str, int]:
         def decode(status: int, frames: list[Any]) -> dict[str, int]:
             return wire.decode_json(frames[0])  # type: ignore[no-any-return]
-        return self._call((Op.STATS, [], decode))  # type: ignore[no-any-return]
+        return self._call((Op.STATS, [], decode, None))  # type: ignore[no-any-return]
 
     def close(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
         self.conn.close()

@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import socket
+import struct
 import threading
 import time
 from array import array
@@ -26,14 +27,14 @@ from typing import Any
 
 import zmq
 
-from . import codec, endpoint, wire
+from . import auth, codec, endpoint, wire
 from .codec import Frame
 from .config import Options
-from .errors import EncodeError, ProtocolError
+from .errors import EncodeError, ProtocolError, ZkvTimeoutError
 from .locks import LockTable
 from .state import DELETE, Entry, State
 from .waker import Waker
-from .wire import Kind, Op, Status
+from .wire import Kind, Op, Status, send_frames
 
 __all__ = ["OWNER_SESSION", "Server"]
 
@@ -44,27 +45,53 @@ OWNER_SESSION = b"\0" * 8
 
 _LARGE = 64 * 1024
 _BATCH = 256  # requests handled per poll wake-up before looking at the other sockets
+_FLUSH_BATCH = 1024  # outbox items sent per poller turn, so that requests are served between
+_OUTBOX_LIMIT = 4096  # owner threads publishing past this wait for the poller to catch up
 _LIVENESS_PERIOD = 0.2  # seconds between checks that lock-holding clients are alive
 _SWEEP_EVERY = 25  # ticks between checks of every client session
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
 
 Reply = tuple[int, list[Frame]] | None
 Handler = Callable[[bytes, bytes, int, list[Any]], Reply]
 
 
 class _Session:
-    __slots__ = ("host", "last_seen", "local", "pid")
+    __slots__ = ("fd", "host", "last_seen", "local", "pid")
 
     def __init__(self, pid: int, host: str, local: bool) -> None:
         self.pid = pid
         self.host = host
         self.local = local
         self.last_seen = time.monotonic()
+        self.fd: int | None = None  # tcp: the connection that said HELLO
+
+
+#: Events of the owner's tcp ROUTER that it watches: a session ends when its HELLO connection
+#: drops; failed handshakes are logged.
+_MONITOR_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                   | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+class _Cacher:
+    """A client socket that caches reads: the key prefixes it caches and how many
+    invalidations it was sent."""
+
+    __slots__ = ("prefixes", "seq")
+
+    def __init__(self) -> None:
+        self.prefixes: list[bytes] = []
+        self.seq = 0
 
 
 class Server:
     """Binds the owner's sockets and runs its poller thread.
 
-    ``bind`` is None for private ipc sockets, or a ``tcp://host:port`` address.
+    ``bind`` is None for private ipc sockets, or a ``tcp://host:port`` address. A tcp owner
+    requires CURVE on both sockets and answers ZAP requests in its poller thread (no extra
+    thread; the allowed keys are checked where every other decision about peers is taken);
+    refused without credentials (:class:`~zkv.AuthenticationError` saying how to make them).
     """
 
     def __init__(self, state: State, options: Options, locks: LockTable,
@@ -79,10 +106,23 @@ class Server:
         self._xpub = self._ctx.socket(zmq.XPUB)
         self._router.setsockopt(zmq.MAXMSGSIZE, options.max_message_size)
         self._router.setsockopt(zmq.RCVHWM, 0)
-        self._router.setsockopt(zmq.SNDHWM, 0)
-        self._xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
+        # A peer that does not read (a caching client gone idle) loses messages past this,
+        # instead of making the owner buffer without bound; request sockets have at most one
+        # reply outstanding, so they never get near it.
+        self._router.setsockopt(zmq.SNDHWM, options.hwm)
+        # Plain XPUB: it reports a topic when its first subscriber comes and when its last one
+        # goes, deduplicated by ZeroMQ per connection, so the owner's topic set stays exact
+        # (verbose modes report every duplicate subscription and leak counts).
+        self._xpub.setsockopt(zmq.MAXMSGSIZE, options.max_message_size)
         self._xpub.setsockopt(zmq.SNDHWM, options.hwm)
         self._xpub.setsockopt(zmq.LINGER, int(options.linger * 1000))
+        self._zap: zmq.Socket[Any] | None = None  # tcp only: ZAP requests (RFC 27)
+        self._monitor: zmq.Socket[Any] | None = None  # tcp only: the ROUTER's connection events
+        self._xpub_monitor: zmq.Socket[Any] | None = None  # tcp only: failed SUB handshakes
+        self._auth: auth.Authenticator | None = None
+        self._fd_sessions: dict[int, bytes] = {}  # tcp: HELLO connection -> session
+        self._current: list[zmq.Frame] | None = None  # tcp: the request being handled
+        self.handshake_failures = 0
         try:
             if bind is None:
                 self.directory, self.endpoint, pub = endpoint.make_ipc_dir()
@@ -94,6 +134,7 @@ class Server:
                 if ep.transport != "tcp":
                     raise ValueError(f"serve() binds ipc sockets itself; pass None or tcp://, "
                                      f"not {bind!r}")
+                self._secure(auth.owner_keys(options.keys, bind))
                 self._router.bind(bind)
                 self.endpoint = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
                 host = ep.host or "*"
@@ -105,12 +146,17 @@ class Server:
         except BaseException:
             self._router.close()
             self._xpub.close()
+            for extra in (self._zap, self._monitor, self._xpub_monitor):
+                if extra is not None:
+                    extra.close()
             self._ctx.term()
             if self.directory is not None:
                 endpoint.remove_ipc_dir(self.directory)
             raise
         self._waker = Waker()
         self._outbox: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._room = threading.Condition()
+        self._room_waiters = 0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="zkv-owner", daemon=True)
         self._thread_id: int | None = None
@@ -118,6 +164,7 @@ class Server:
         self._ticks = 0
         self._subscriptions: collections.Counter[bytes] = collections.Counter()
         self._watch_topics: list[bytes] = []
+        self._cachers: dict[bytes, _Cacher] = {}
         self._seqs: dict[bytes, int] = {}
         self.refused = 0
         self._hostname = socket.gethostname()
@@ -144,7 +191,28 @@ class Server:
             Op.PING: self._ping,
             Op.BYE: self._bye,
             Op.STATS: self._stats,
+            Op.CACHE_WATCH: self._cache_watch,
+            Op.CACHE_UNWATCH: self._cache_unwatch,
+            Op.CACHE_SYNC: self._cache_sync,
         }
+
+    def _secure(self, keys: auth.OwnerKeys) -> None:
+        """Make both tcp sockets CURVE servers that let in only allowed client keys, with
+        heartbeats so that silent peers are dropped."""
+        self._auth = auth.Authenticator(keys)
+        self._zap = self._ctx.socket(zmq.REP)
+        self._zap.bind("inproc://zeromq.zap.01")  # before any CURVE socket binds
+        beat = int(self.options.heartbeat * 1000)
+        for sock in (self._router, self._xpub):
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret_key)
+            sock.setsockopt(zmq.ZAP_DOMAIN, auth.ZAP_DOMAIN)
+            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)  # no ZAP handler: refuse, never allow
+            sock.setsockopt(zmq.HEARTBEAT_IVL, beat)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * beat)
+        self._monitor = auth.monitor(self._router, _MONITOR_EVENTS)
+        self._xpub_monitor = auth.monitor(self._xpub, _MONITOR_EVENTS & ~zmq.EVENT_DISCONNECTED)
+        self._handle = self._handle_remote  # type: ignore[method-assign]
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -175,6 +243,27 @@ class Server:
         if threading.get_ident() != self._thread_id:
             self._waker.wake()
 
+    def wait_for_room(self) -> None:
+        """Block an owner thread (holding no store lock) while the outbox is over its limit:
+        publishing in a tight loop then goes at the pace the poller thread sends, instead of
+        queueing without bound. Raises ZkvTimeoutError if the poller does not catch up within
+        the store's timeout."""
+        if len(self._outbox) < _OUTBOX_LIMIT or threading.get_ident() == self._thread_id:
+            return
+        deadline = time.monotonic() + self.options.timeout
+        with self._room:
+            self._room_waiters += 1
+            try:
+                while len(self._outbox) >= _OUTBOX_LIMIT and not self._stopping:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise ZkvTimeoutError(
+                            f"the zkv owner's poller thread did not catch up with "
+                            f"{len(self._outbox)} queued messages within {self.options.timeout}s")
+                    self._room.wait(min(remaining, 0.1))
+            finally:
+                self._room_waiters -= 1
+
     def _on_change(self, kind: int, key: str, entry: Entry | None, version: int) -> None:
         self.post(("chg", kind, key, entry, version))
 
@@ -182,57 +271,67 @@ class Server:
 
     def _run(self) -> None:
         self._thread_id = threading.get_ident()
-        poller = zmq.Poller()
-        poller.register(self._router, zmq.POLLIN)
-        poller.register(self._xpub, zmq.POLLIN)
-        poller.register(self._waker.fd, zmq.POLLIN)
-        router, xpub, wake_r = self._router, self._xpub, self._waker.fd
+        router, xpub, wake_fd = self._router, self._xpub, self._waker.fd
+        items: list[Any] = [(router, _POLLIN), (xpub, _POLLIN), (wake_fd, _POLLIN)]
+        if self._zap is not None:  # tcp
+            items += [(self._zap, _POLLIN), (self._monitor, _POLLIN),
+                      (self._xpub_monitor, _POLLIN)]
         self._started.set()
-        next_liveness = time.monotonic() + _LIVENESS_PERIOD
+        next_tick = time.monotonic() + _LIVENESS_PERIOD
         try:
             while not self._stopping:
-                timeout = self._poll_timeout(next_liveness)
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._check_sessions()
+                    self.locks.expire(now)
+                    next_tick = now + _LIVENESS_PERIOD
+                    if self._outbox:
+                        self._flush_outbox()
+                timeout = next_tick - now
+                if self.locks.waiting:
+                    nearest = self.locks.expire(now)
+                    if nearest is not None:
+                        timeout = min(timeout, nearest - now)
                 try:
-                    ready = dict(poller.poll(timeout))
+                    ready = zmq.zmq_poll(items, max(0, int(timeout * 1000) + 1))
                 except zmq.ZMQError as exc:  # pragma: no cover - EINTR and the like
                     log.debug("poll failed: %s", exc)
                     continue
-                if router in ready:
-                    for _ in range(_BATCH):
-                        try:
-                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._handle(frames)
-                if xpub in ready:
-                    self._read_subscriptions()
-                if wake_r in ready:
-                    self._waker.drain()
+                for sock, _events in ready:
+                    if sock is router:
+                        # Serve what is queued, checking for more without raising Again.
+                        for _ in range(_BATCH):
+                            try:
+                                frames = router.recv_multipart(_NOBLOCK, copy=False)
+                            except zmq.Again:
+                                break
+                            self._handle(frames)
+                            if not router.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+                                break
+                    elif sock is xpub:
+                        self._read_subscriptions()
+                    elif sock is wake_fd:
+                        self._waker.drain()
+                    else:  # tcp: a ZAP request or a connection event
+                        self._answer_zap()
+                        self._read_monitor()
                 if self._outbox:
                     self._flush_outbox()
-                now = time.monotonic()
-                self.locks.expire(now)
-                if now >= next_liveness:
-                    self._check_sessions()
-                    next_liveness = now + _LIVENESS_PERIOD
-                    if self._outbox:
-                        self._flush_outbox()
-        except Exception:  # pragma: no cover - a bug; keep the traceback
+        except BaseException:  # a bug; keep the traceback
             log.exception("zkv owner poller thread crashed")
             raise
         finally:
             self.state.on_change = None
             self._router.close(0)
             self._xpub.close(int(self.options.linger * 1000))
+            for extra in (self._monitor, self._xpub_monitor, self._zap):
+                if extra is not None:
+                    extra.close(0)
             self._ctx.term()
-
-    def _poll_timeout(self, next_liveness: float) -> int:
-        now = time.monotonic()
-        deadline = self.locks.expire(now)
-        nearest = next_liveness
-        if deadline is not None:
-            nearest = min(nearest, deadline)
-        return max(0, int((nearest - now) * 1000) + 1)
+            if not self._stopping and self.directory is not None:
+                # Nobody serves this store any more: remove the socket files so that clients
+                # get OwnerGoneError at once instead of waiting for their timeouts.
+                endpoint.remove_ipc_dir(self.directory)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:
@@ -246,25 +345,38 @@ class Server:
             return
         handler = self._handlers.get(op)
         session = routing_id[:8]
+        before = self.state.version
         if handler is None:
             self._refuse(f"unknown operation {op}")
             self._reply(routing_id, rid, Status.ERROR,
-                        wire.encode_error(ProtocolError(f"unknown operation {op}")))
+                        wire.encode_error(ProtocolError(f"unknown operation {op}")), before)
             return
         args = [f.bytes if len(f) < _LARGE else f for f in frames[2:]]
         try:
             result = handler(session, routing_id, rid, args)
-        except Exception as exc:
+        except BaseException as exc:  # user code run here (modify, unpickling) may raise anything
             if isinstance(exc, ProtocolError):
                 self._refuse(f"{Op(op).name}: {exc}")
+            if op in _ONE_WAY:  # the sender waits for no answer
+                return
             result = (Status.ERROR, wire.encode_error(exc))
         if result is not None:
-            self._reply(routing_id, rid, result[0], result[1])
+            self._reply(routing_id, rid, result[0], result[1], before)
 
-    def _reply(self, routing_id: bytes, rid: int, status: int, out: list[Frame]) -> None:
+    def _handle_remote(self, frames: list[zmq.Frame]) -> None:
+        """:meth:`_handle` for tcp: keeps the frames in reach of HELLO, which records the
+        connection it came on."""
+        self._current = frames
         try:
-            self._router.send_multipart([routing_id, wire.pack_header(rid, status), *out],
-                                        copy=False)
+            Server._handle(self, frames)
+        finally:
+            self._current = None
+
+    def _reply(self, routing_id: bytes, rid: int, status: int, out: list[Frame],
+               before: int) -> None:
+        header = wire.pack_reply(rid, status, before, self.state.version)
+        try:
+            send_frames(self._router, [routing_id, header, *out])
         except zmq.ZMQError as exc:  # peer gone: its request dies with it
             log.debug("reply to %r dropped: %s", routing_id, exc)
 
@@ -272,6 +384,35 @@ class Server:
         self.refused += 1
         if self.refused <= 10 or self.refused % 1000 == 0:
             log.warning("zkv owner refused a message (%d so far): %s", self.refused, why)
+
+    # -- tcp: authentication and connections -----------------------------------------------------
+
+    def _answer_zap(self) -> None:
+        assert self._zap is not None and self._auth is not None
+        while True:
+            try:
+                request = self._zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._zap.send_multipart(self._auth.handle(request))
+
+    def _read_monitor(self) -> None:
+        """End the sessions whose HELLO connection dropped (the client died, closed, or
+        stopped answering heartbeats: its locks are released); log failed handshakes."""
+        assert self._monitor is not None and self._xpub_monitor is not None
+        events = auth.drain_events(self._monitor) + auth.drain_events(self._xpub_monitor)
+        for event, value in events:
+            if event == zmq.EVENT_DISCONNECTED:
+                session = self._fd_sessions.pop(value, None)
+                if session is not None and session in self._sessions:
+                    log.info("zkv session %s: connection lost; ending it", session.hex())
+                    self._end_session(session)
+            else:
+                self.handshake_failures += 1
+                if self.handshake_failures <= 10 or self.handshake_failures % 1000 == 0:
+                    log.warning("zkv owner refused a connection: CURVE handshake failed (the "
+                                "peer does not speak CURVE or uses a wrong server key; %d so "
+                                "far)", self.handshake_failures)
 
     # -- subscriptions and fan-out ---------------------------------------------------------------
 
@@ -296,7 +437,7 @@ class Server:
 
     def _update_watch_hook(self) -> None:
         self._watch_topics = [t for t in self._subscriptions if t[:1] == b"k"]
-        hook = self._on_change if self._watch_topics else None
+        hook = self._on_change if self._watch_topics or self._cachers else None
         if self.state.on_change is not hook:
             with self.state.lock:
                 self.state.on_change = hook
@@ -317,7 +458,9 @@ class Server:
 
     def _flush_outbox(self) -> None:
         outbox = self._outbox
-        while outbox:
+        # A batch at a time: an owner thread that keeps publishing must not keep this thread
+        # from serving requests. What is left is sent on the next turn, at once.
+        for _ in range(min(len(outbox), _FLUSH_BATCH)):
             item = outbox.popleft()
             what = item[0]
             if what == "pub":
@@ -329,6 +472,11 @@ class Server:
                     self._router.send_multipart(item[1], copy=False)
                 except zmq.ZMQError:
                     pass
+        if outbox:
+            self._waker.wake()
+        if self._room_waiters:
+            with self._room:
+                self._room.notify_all()
 
     def _fan_out(self, topic: bytes, kind: int, frames: Sequence[Frame], version: int) -> None:
         seq = self._seqs.get(topic, 0) + 1
@@ -337,7 +485,16 @@ class Server:
                                   copy=False)
 
     def _change_event(self, kind: int, key: str, entry: Entry | None, version: int) -> None:
-        topic = b"k" + wire.key_bytes(key) + b"\0"
+        name = wire.key_bytes(key)
+        for routing_id, cacher in self._cachers.items():
+            if any(name.startswith(p) for p in cacher.prefixes):
+                cacher.seq += 1  # counted even if dropped: the client sees the gap
+                header = wire.pack_reply(0, Status.INVALIDATE, cacher.seq, version)
+                try:
+                    self._router.send_multipart([routing_id, header, name], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        topic = b"k" + name + b"\0"
         if not any(topic.startswith(t) for t in self._watch_topics):
             return
         frames: list[Frame] = []
@@ -366,17 +523,37 @@ class Server:
                 self._end_session(session)
 
     def _end_session(self, session: bytes) -> None:
-        self._sessions.pop(session, None)
+        info = self._sessions.pop(session, None)
+        if info is not None and info.fd is not None and self._fd_sessions.get(info.fd) == session:
+            del self._fd_sessions[info.fd]
         self.locks.drop_session(session)
+        for routing_id in [r for r in self._cachers if r.startswith(session)]:
+            del self._cachers[routing_id]
+        self._update_watch_hook()
 
     # -- request handlers: (session, routing_id, rid, args) -> (status, frames) or None ----------
 
     def _hello(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
-        info = wire.decode_json(args[0]) if args else {}
-        pid = int(info.get("pid", 0))
+        info = wire.decode_json(args[0]) if args else None
+        if not isinstance(info, dict):
+            info = {}
+        pid = info.get("pid")
+        if type(pid) is not int or pid <= 0:  # a session the liveness checks could never end
+            raise ProtocolError("HELLO needs a JSON object with the client's pid")
         host = str(info.get("host", ""))
         local = host == self._hostname and self.directory is not None
-        self._sessions[session] = _Session(pid, host, local)
+        if self._current is not None:  # tcp
+            # Disconnections queued before this HELLO are settled first: the fd it came on
+            # may be the reused fd of a connection that has just closed.
+            self._read_monitor()
+        record = self._sessions[session] = _Session(pid, host, local)
+        peer = ""
+        if self._current is not None:
+            frame = self._current[1]
+            record.fd = frame.get(zmq.SRCFD)
+            self._fd_sessions[record.fd] = session
+            peer = f" as {frame.get('User-Id')!r} from {frame.get('Peer-Address')}"
+        log.info("zkv session %s: HELLO from pid %d on %s%s", session.hex(), pid, host, peer)
         reply = {
             "version": wire.PROTOCOL_VERSION,
             "pid": os.getpid(),
@@ -388,7 +565,7 @@ class Server:
         return Status.OK, [wire.encode_json(reply)]
 
     def _get(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
-        entry = self.state.data.get(wire.key_str(args[0]))
+        entry = self.state.data.get(_key(args, "GET"))
         if entry is None:
             return Status.NONE, []
         return Status.OK, entry.wire()
@@ -400,7 +577,7 @@ class Server:
         return Status.OK, []
 
     def _delete(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
-        entry = self.state.delete(wire.key_str(args[0]))
+        entry = self.state.delete(_key(args, "DELETE"))
         return (Status.NONE if entry is None else Status.OK), []
 
     def _pipeline(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
@@ -428,7 +605,7 @@ class Server:
                 else:
                     try:
                         result = handler(session, routing_id, rid, sub)
-                    except Exception as exc:
+                    except BaseException as exc:  # as in _handle
                         result = (Status.ERROR, wire.encode_error(exc))
                 assert result is not None
                 out_index.append(result[0])
@@ -462,7 +639,7 @@ class Server:
         return Status.OK, codec.dumps(len(self.state.data))
 
     def _contains(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
-        found = wire.key_str(args[0]) in self.state.data
+        found = _key(args, "CONTAINS") in self.state.data
         return (Status.OK if found else Status.NONE), []
 
     def _clear(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
@@ -471,7 +648,8 @@ class Server:
 
     def _modify(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         key, fn, default = _sections(args, 3, "MODIFY")
-        entry = self.state.modify(wire.key_str(key[0]), codec.loads(fn), codec.loads(default))
+        entry = self.state.modify(wire.key_str(key[0]), codec.loads(fn), codec.loads(default),
+                                  travel=True)
         return Status.OK, entry.wire()
 
     def _incr(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
@@ -487,7 +665,7 @@ class Server:
         return Status.OK, entry.wire()
 
     def _pop(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
-        key = wire.key_str(args[0])
+        key = _key(args, "POP")
         with self.state.lock:
             entry = self.state.data.get(key)
             if entry is None:
@@ -504,8 +682,12 @@ class Server:
         return (Status.OK if done else Status.NONE), []
 
     def _transact(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
-        result = self.state.transact(codec.loads(args))
-        return Status.OK, codec.dumps(result)
+        if not args:
+            raise ProtocolError("TRANSACT needs a function")
+        fn = codec.loads(args)
+        # The result is pickled inside the transaction: if it cannot travel, nothing changes.
+        frames = self.state.transact(lambda view: codec.dumps(fn(view)), travel=True)
+        return Status.OK, frames
 
     def _lock(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         if len(args) != 3:
@@ -519,7 +701,8 @@ class Server:
 
         def grant(granted: bool) -> None:
             status = Status.OK if granted else Status.NONE
-            self.post(("reply", [routing_id, wire.pack_header(rid, status)]))
+            version = self.state.version
+            self.post(("reply", [routing_id, wire.pack_reply(rid, status, version, version)]))
 
         got = self.locks.acquire(name, session, token, deadline, grant)
         if got is None:
@@ -535,6 +718,7 @@ class Server:
     def _publish(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         if len(args) < 2:
             raise ProtocolError("PUBLISH needs a channel and a value")
+        wire.key_str(args[0])  # a channel name subscribers can decode, or refused
         with self.state.lock:  # in order with the change events of concurrent writes
             self._outbox.append(("pub", bytes(args[0]), args[1:]))
         return None
@@ -555,18 +739,58 @@ class Server:
             "topics": len(self._subscriptions),
             "locks": len(self.locks.sessions()),
             "refused": self.refused,
+            "refused_auth": (0 if self._auth is None
+                             else self._auth.refused + self.handshake_failures),
             "pid": os.getpid(),
         }
 
     def _stats(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         return Status.OK, [wire.encode_json(self.stats())]
 
+    def _cache_watch(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]
+                     ) -> Reply:
+        if session not in self._sessions:
+            raise ProtocolError("CACHE_WATCH from a session that did not say HELLO")
+        cacher = self._cachers.setdefault(routing_id, _Cacher())
+        cacher.prefixes.extend(bytes(a) for a in args if bytes(a) not in cacher.prefixes)
+        self._update_watch_hook()
+        return Status.OK, [_SEQ.pack(cacher.seq)]
+
+    def _cache_unwatch(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]
+                       ) -> Reply:
+        cacher = self._cachers.get(routing_id)
+        if cacher is not None:
+            gone = {bytes(a) for a in args}
+            cacher.prefixes = [p for p in cacher.prefixes if args and p not in gone]
+            if not cacher.prefixes:
+                del self._cachers[routing_id]
+            self._update_watch_hook()
+        return Status.OK, []
+
+    def _cache_sync(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]
+                    ) -> Reply:
+        cacher = self._cachers.get(routing_id)
+        return Status.OK, [_SEQ.pack(0 if cacher is None else cacher.seq)]
+
     def _bye(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        if session in self._sessions:
+            log.info("zkv session %s: BYE", session.hex())
         self._end_session(session)
         return None
 
 
-_NOT_PIPELINED = frozenset({Op.HELLO, Op.PIPELINE, Op.LOCK, Op.PUBLISH, Op.BYE})
+_NOT_PIPELINED = frozenset({Op.HELLO, Op.PIPELINE, Op.LOCK, Op.PUBLISH, Op.BYE,
+                            Op.CACHE_WATCH, Op.CACHE_UNWATCH, Op.CACHE_SYNC})
+_SEQ = struct.Struct("<Q")
+
+
+_ONE_WAY = frozenset({Op.PUBLISH, Op.BYE})
+
+
+def _key(args: list[Any], what: str) -> str:
+    if not args:
+        raise ProtocolError(f"{what} needs a key")
+    return wire.key_str(args[0])
 
 
 def _sections(args: list[Any], count: int, what: str) -> list[Sequence[Frame]]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from . import codec
 from .codec import IMMUTABLE_TYPES, Frame
-from .errors import StoreClosedError
+from .errors import EncodeError, StoreClosedError
 
 __all__ = ["MISSING", "Entry", "State", "TransactionView"]
 
@@ -81,7 +81,7 @@ class Entry:
             return cls(value, None)
         try:
             return cls(_NOOBJ, codec.dumps(value, copy_buffers=True))
-        except codec.EncodeError:
+        except EncodeError:
             return cls(value, None)  # kept by reference: usable in the owner only
 
     @classmethod
@@ -130,9 +130,10 @@ class State:
     # -- writes: callers outside this class hold no lock; every method takes it ----------------
 
     def _put(self, key: str, entry: Entry) -> None:
-        self.version += 1
-        entry.version = self.version
+        # Store first, count second: a reader that sees version N sees every change <= N.
+        entry.version = self.version + 1
         self.data[key] = entry
+        self.version += 1
         hook = self.on_change
         if hook is not None:
             hook(SET, key, entry, self.version)
@@ -174,13 +175,17 @@ class State:
             self._put(key, entry)
             return entry
 
-    def modify(self, key: str, fn: Callable[[Any], Any], default: Any) -> Entry:
+    def modify(self, key: str, fn: Callable[[Any], Any], default: Any,
+               travel: bool = False) -> Entry:
         """Replace the value of ``key`` by ``fn(old)`` (``old`` is ``default`` if missing) and
-        return the new entry. If ``fn`` raises, nothing changes."""
+        return the new entry. If ``fn`` raises, nothing changes. ``travel=True`` (a client's
+        request): the new value must be picklable, else EncodeError and nothing changes."""
         with self.lock:
             current = self.data.get(key)
             old = current.load() if current is not None else default
             entry = Entry.from_object(fn(old))
+            if travel:
+                entry.wire()
             self._put(key, entry)
             return entry
 
@@ -212,20 +217,28 @@ class State:
                 self._put(key, entry)
             return matches
 
-    def transact(self, fn: Callable[[TransactionView], Any]) -> Any:
+    def transact(self, fn: Callable[[TransactionView], Any], travel: bool = False) -> Any:
         """Run ``fn(view)`` with the whole store to itself. Its changes are applied together
-        when it returns, and not at all if it raises. Returns what ``fn`` returns."""
+        when it returns, and not at all if it raises. Returns what ``fn`` returns.
+        ``travel=True`` (a client's request): every value written must be picklable, else
+        EncodeError and nothing changes."""
         with self.lock:
             view = TransactionView(self)
             try:
                 result = fn(view)
             finally:
                 view._closed = True
-            for key, value in view._changes.items():
-                if value is MISSING:
+            changes = [(key, None if value is MISSING else Entry.from_object(value))
+                       for key, value in view._changes.items()]
+            if travel:
+                for _key, entry in changes:
+                    if entry is not None:
+                        entry.wire()
+            for key, entry in changes:
+                if entry is None:
                     self._remove(key)
                 else:
-                    self._put(key, Entry.from_object(value))
+                    self._put(key, entry)
             return result
 
     # -- reads -----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 from . import endpoint as _endpoint
 from .config import Options
@@ -34,7 +34,7 @@ from .state import MISSING
 
 __all__ = ["Pipeline", "Store", "connect", "serve", "store"]
 
-Core = Union[LocalCore, RemoteCore]
+Core = LocalCore | RemoteCore
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -107,6 +107,7 @@ class Store(MutableMapping[str, Any]):
         self._dispatcher: Dispatcher | None = None
         self._subscribers: weakref.WeakSet[Subscriber] = weakref.WeakSet()
         self._env_before: str | None = None
+        self._keys_exported: tuple[str | None, str] | None = None  # (ZKV_KEYS before, ours)
         self._abandoned: list[Any] = []
         _LIVE.add(self)
         _install_exit_hooks()
@@ -219,7 +220,7 @@ class Store(MutableMapping[str, Any]):
         """Remove every key, as one atomic step."""
         self._core.clear()
 
-    def update(self, other: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),
+    def update(self, other: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),  # type: ignore[override]
                /, **kwargs: Any) -> None:
         """Like :meth:`dict.update`, as one atomic step in one round trip."""
         pairs = list(other.items() if isinstance(other, Mapping) else other)
@@ -295,6 +296,34 @@ class Store(MutableMapping[str, Any]):
         wait in ``with`` (None: wait until it is free; the wait still ends with
         :class:`~zkv.OwnerGoneError` if the owner dies). Released when its holder dies."""
         return Lock(_LockBackend(self), name, timeout)
+
+    def enable_cache(self, prefix: str = "", max_entries: int = 100_000) -> None:
+        """Serve repeated :meth:`get` of keys starting with ``prefix`` ("" = every key) from
+        this process's memory, kept fresh by the owner's invalidations. A write made by this
+        process is always seen by its next read; a write made elsewhere is seen once its
+        invalidation arrives (a fraction of a millisecond; see docs/benchmarks.md). At most
+        ``max_entries`` values are kept. In the owner this does nothing: its reads are local
+        already."""
+        if type(prefix) is not str:
+            raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
+        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
+            raise ValueError(f"max_entries must be a positive int, not {max_entries!r}")
+        if not self.is_owner:
+            self._core.enable_cache(prefix, max_entries)
+
+    def disable_cache(self, prefix: str | None = None) -> None:
+        """Stop caching keys under ``prefix`` (every prefix if None)."""
+        if not self.is_owner:
+            self._core.disable_cache(prefix)
+
+    def cache_info(self) -> dict[str, int]:
+        """Counters of the read cache: ``hits``, ``misses``, ``entries`` (values held now) and
+        ``flushes`` (times it was dropped whole because invalidations were lost)."""
+        cache = None if self.is_owner else self._core.cache
+        if cache is None:
+            return {"hits": 0, "misses": 0, "entries": 0, "flushes": 0}
+        return {"hits": cache.hits, "misses": cache.misses, "entries": len(cache._entries),
+                "flushes": cache.flushes}
 
     def pipeline(self) -> Pipeline:
         """Queue many operations and send them in one round trip (see :class:`Pipeline`)."""
@@ -379,9 +408,9 @@ class Store(MutableMapping[str, Any]):
 
     def stats(self) -> dict[str, int]:
         """The owner's counters: ``keys``, ``version`` (changes applied so far), ``sessions``
-        (connected client processes), ``subscriptions`` and ``topics`` (live subscriptions, all
-        processes), ``locks`` (sessions holding or waiting for locks), ``refused`` (malformed
-        messages dropped) and the owner's ``pid``."""
+        (connected client processes), ``topics`` (topics with at least one live subscriber, in
+        any process; ``subscriptions`` is the same number), ``locks`` (sessions holding or
+        waiting for locks), ``refused`` (malformed messages dropped) and the owner's ``pid``."""
         return self._core.stats()  # type: ignore[no-any-return]
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -408,6 +437,13 @@ class Store(MutableMapping[str, Any]):
                     os.environ.pop(_endpoint.ENV_VAR, None)
                 else:
                     os.environ[_endpoint.ENV_VAR] = self._env_before
+            if self._keys_exported is not None:
+                before, ours = self._keys_exported
+                if os.environ.get("ZKV_KEYS") == ours:
+                    if before is None:
+                        os.environ.pop("ZKV_KEYS", None)
+                    else:
+                        os.environ["ZKV_KEYS"] = before
         _forget_global(self)
 
     def __enter__(self) -> Store:
@@ -455,7 +491,8 @@ class Pipeline:
         p.results  # [None, 1, 1]
 
     :meth:`execute` sends them and returns the results (also kept in :attr:`results`). Every
-    queued operation runs; if any raised, the first exception is raised after all of them.
+    queued operation runs; if any raised, the first exception is raised after all of them, and
+    :attr:`results` holds the exception in place of each failed operation's result.
     """
 
     def __init__(self, store: Store) -> None:
@@ -506,7 +543,8 @@ class Pipeline:
     def execute(self) -> list[Any]:
         """Send the queued operations; return their results in order."""
         calls, self._calls = self._calls, []
-        self.results = self._store._core.execute(calls)
+        self.results = []
+        self._store._core.execute(calls, self.results)
         return self.results
 
     def __enter__(self) -> Pipeline:
@@ -517,7 +555,7 @@ class Pipeline:
             self.execute()
 
 
-# -- the process-wide store ------------------------------------------------------------------------
+# -- the process-wide store -------------------------------------------------------------------
 
 _LIVE: weakref.WeakSet[Store] = weakref.WeakSet()
 _GLOBAL: Store | None = None
@@ -540,7 +578,7 @@ def store() -> Store:
     with _GLOBAL_LOCK:
         if _GLOBAL is not None and not _GLOBAL.closed:
             return _GLOBAL
-        address = os.environ.get(_endpoint.ENV_VAR) or _endpoint.find_ancestor_owner()
+        address = _endpoint.discover()
         if address:
             made = connect(address)
         elif multiprocessing.parent_process() is not None:
@@ -572,15 +610,22 @@ def _forget_global(gone: Store) -> None:
 def serve(endpoint: str | None = None, **options: Any) -> Store:
     """Own a new store from the moment this returns, and return it.
 
-    ``endpoint=None`` binds private ipc sockets; ``"tcp://host:port"`` binds TCP. The endpoint
-    is exported in ``ZKV_ENDPOINT`` for children started afterwards, and the store becomes this
-    process's :func:`zkv.store` if there was none. Use it as a context manager to close it and
-    remove its sockets. ``options``: see :class:`zkv.config.Options`.
+    ``endpoint=None`` binds private ipc sockets; ``"tcp://host:port"`` binds TCP, which needs
+    credentials (``keys=DIR`` made by ``zkv keygen``, or ``ZKV_KEYS``; see :mod:`zkv.auth`) and
+    raises :class:`~zkv.AuthenticationError` without them. The endpoint is exported in
+    ``ZKV_ENDPOINT`` (and a keys directory in ``ZKV_KEYS``) for children started afterwards,
+    and the store becomes this process's :func:`zkv.store` if there was none. Use it as a
+    context manager to close it and remove its sockets. ``options``: see
+    :class:`zkv.config.Options`.
     """
     opts = Options.from_env(options)
     made = Store(LocalCore(opts, endpoint), opts)
     made._env_before = os.environ.get(_endpoint.ENV_VAR)
     os.environ[_endpoint.ENV_VAR] = made.endpoint
+    if isinstance(opts.keys, (str, os.PathLike)) and not made.endpoint.startswith("ipc://"):
+        keys_dir = os.path.abspath(os.fspath(opts.keys))
+        made._keys_exported = (os.environ.get("ZKV_KEYS"), keys_dir)
+        os.environ["ZKV_KEYS"] = keys_dir  # children connect with DIR/client
     _set_global(made)
     return made
 
@@ -589,17 +634,19 @@ def connect(endpoint: str | None = None, **options: Any) -> Store:
     """Join an existing store as a client and return it.
 
     ``endpoint`` defaults to ``ZKV_ENDPOINT``, then to an owner among this process's
-    ancestors. Raises :class:`~zkv.NoOwnerError` if there is no owner to join.
+    ancestors. Raises :class:`~zkv.NoOwnerError` if there is no owner to join. A ``tcp://``
+    endpoint needs client credentials (``keys=DIR`` or ``ZKV_KEYS``) and raises
+    :class:`~zkv.AuthenticationError` if they are missing or the owner refuses them.
     """
     opts = Options.from_env(options)
-    address = endpoint or os.environ.get(_endpoint.ENV_VAR) or _endpoint.find_ancestor_owner()
+    address = endpoint or _endpoint.discover()
     if not address:
         raise NoOwnerError(f"no zkv endpoint given, {_endpoint.ENV_VAR} is not set and no "
                            "ancestor process owns a store")
     return Store(RemoteCore(address, opts), opts)
 
 
-# -- fork and exit -----------------------------------------------------------------------------------
+# -- fork and exit ---------------------------------------------------------------------------
 
 def _after_fork_in_child() -> None:
     global _GLOBAL_LOCK, _hooks_pid

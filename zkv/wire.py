@@ -6,7 +6,11 @@ Request (client DEALER -> owner ROUTER)::
 
 Reply (owner ROUTER -> client DEALER)::
 
-    [header: rid u32, status u8] [result frames ...]
+    [header: rid u32, status u8, before u64, after u64] [result frames ...]
+
+``before``/``after`` are the store's change counter just before and just after the request was
+applied: a value read by the request reflects every change numbered up to ``before``, and a
+change made by it is numbered at most ``after`` (the client-side read cache relies on both).
 
 ``rid`` is chosen by the client per request so that a late reply to a request that timed out is
 recognised and dropped. A value is the list of frames made by :mod:`zkv.codec`. When a message
@@ -19,7 +23,13 @@ Published message (owner XPUB -> SUB)::
 
 Topics: ``c<channel>\\0`` for channel messages (``c<prefix>`` for a prefix subscription),
 ``k<key>\\0`` for change events of a key, ``w<token>`` for the welcome that makes a
-subscription live. ``seq`` counts messages per topic, so a subscriber sees its losses as gaps.
+subscription live.
+
+Cache invalidation (owner ROUTER -> a client's cache DEALER, on the same pipe as that socket's
+replies, so a reply proves which invalidations came before it)::
+
+    [header: rid 0, status INVALIDATE, seq u64, version u64] [key]
+ ``seq`` counts messages per topic, so a subscriber sees its losses as gaps.
 """
 
 from __future__ import annotations
@@ -34,34 +44,40 @@ from array import array
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import zmq
+
 from .codec import Frame
 from .errors import ProtocolError, RemoteError
 
 __all__ = [
+    "PROTOCOL_VERSION",
     "Op",
     "Status",
     "decode_error",
+    "decode_json",
     "encode_error",
     "encode_json",
-    "decode_json",
-    "pack_header",
-    "pack_meta",
-    "pack_sections",
-    "unpack_header",
-    "unpack_meta",
-    "unpack_sections",
     "key_bytes",
     "key_str",
-    "PROTOCOL_VERSION",
     "make_probe",
+    "pack_header",
+    "pack_meta",
+    "pack_reply",
+    "pack_sections",
     "pack_welcome",
     "parse_welcome",
     "probe_topics",
+    "send_frames",
+    "unpack_header",
+    "unpack_meta",
+    "unpack_reply",
+    "unpack_sections",
 ]
 
 PROTOCOL_VERSION = 1
 
 _HEADER = struct.Struct("<IB")
+_REPLY = struct.Struct("<IBQQ")
 _META = struct.Struct("<QQB")
 
 
@@ -90,6 +106,9 @@ class Op(enum.IntEnum):
     PING = 19
     BYE = 20  # one-way: the session is closing
     STATS = 21
+    CACHE_WATCH = 22  # this socket receives invalidations of keys under these prefixes
+    CACHE_UNWATCH = 23
+    CACHE_SYNC = 24  # where is this socket's invalidation sequence now?
 
 
 class Status(enum.IntEnum):
@@ -98,6 +117,7 @@ class Status(enum.IntEnum):
     OK = 0
     NONE = 1  # missing key, failed comparison, lock not acquired in time
     ERROR = 2
+    INVALIDATE = 3  # not a reply: an invalidation pushed to a caching client
 
 
 class Kind(enum.IntEnum):
@@ -118,6 +138,17 @@ def unpack_header(frame: Frame) -> tuple[int, int]:
         return _HEADER.unpack(frame)  # type: ignore[return-value]
     except struct.error:
         raise ProtocolError(f"bad header frame of {len(frame)} bytes") from None
+
+
+def pack_reply(rid: int, status: int, before: int, after: int) -> bytes:
+    return _REPLY.pack(rid, status, before, after)
+
+
+def unpack_reply(frame: Frame) -> tuple[int, int, int, int]:
+    try:
+        return _REPLY.unpack(frame)  # type: ignore[return-value]
+    except struct.error:
+        raise ProtocolError(f"bad reply header of {len(frame)} bytes") from None
 
 
 def pack_meta(seq: int, version: int, kind: int) -> bytes:
@@ -213,6 +244,20 @@ def parse_welcome(payload: bytes) -> dict[bytes, int]:
         at += 8
         out[topic] = seq
     return out
+
+
+_SNDMORE = int(zmq.SNDMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+
+
+def send_frames(sock: zmq.Socket[Any], frames: Sequence[Frame], noblock: bool = True) -> None:
+    """Send ``frames`` as one message (as ``send_multipart`` does, minus its per-frame enum
+    arithmetic, which costs more than the send itself for small frames). Large frames go
+    without copying. Raises zmq.Again if the queue is full and ``noblock``."""
+    flags = _NOBLOCK if noblock else 0
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, flags | _SNDMORE if i < last else flags, copy=False)
 
 
 def encode_json(obj: Any) -> bytes:

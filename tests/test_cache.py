@@ -1,0 +1,311 @@
+"""The client-side read cache: local repeated reads, never a stale value left behind."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+
+import zkv
+from zkv.testing import wait_for
+
+CTX = mp.get_context("spawn")
+
+
+def _cached_reader(q: Any, key: str, rounds: int) -> None:
+    kv = zkv.store()
+    kv.enable_cache("c.")
+    first = kv.get(key)
+    for _ in range(rounds):
+        kv.get(key)
+    q.put((first, kv.cache_info()))
+    # Wait until another process's write becomes visible through the cache.
+    deadline = time.monotonic() + 20
+    while kv.get(key) == first and time.monotonic() < deadline:
+        pass
+    q.put(kv.get(key))
+
+
+class TestCachedReads:
+    """Repeated gets of a cached prefix are served locally and still see other writes."""
+
+    def test_hits_are_local_and_invalidated_by_other_writers(self, kv: zkv.Store) -> None:
+        kv["c.x"] = "old"
+        q = CTX.Queue()
+        proc = CTX.Process(target=_cached_reader, args=(q, "c.x", 1000))
+        proc.start()
+        first, info = q.get(timeout=30)
+        assert first == "old"
+        assert info["hits"] >= 1000 and info["misses"] == 1
+        kv["c.x"] = "new"  # the owner writes; the reader's cache must drop "old"
+        assert q.get(timeout=30) == "new"
+        proc.join(30)
+        assert proc.exitcode == 0
+
+    def test_owner_enable_cache_is_a_no_op(self, kv: zkv.Store) -> None:
+        kv.enable_cache()
+        kv["a"] = 1
+        assert kv["a"] == 1
+        assert kv.cache_info()["hits"] == 0
+
+    def test_bad_arguments(self, kv: zkv.Store) -> None:
+        with pytest.raises(TypeError):
+            kv.enable_cache(3)  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            kv.enable_cache("", max_entries=0)
+
+
+def _read_your_writes(q: Any) -> None:
+    kv = zkv.store()
+    kv.enable_cache("")
+    bad = 0
+    for i in range(300):
+        kv.set("c.mine", i)
+        if kv.get("c.mine") != i:
+            bad += 1
+        kv.incr("c.count")
+        if kv.get("c.count") != i + 1:
+            bad += 1
+        kv.modify("c.list", lambda v, i=i: [*v, i], default=[])
+        if kv.get("c.list")[-1] != i:
+            bad += 1
+    kv.delete("c.mine")
+    if kv.get("c.mine", "gone") != "gone":
+        bad += 1
+    with kv.pipeline() as p:
+        p.set("c.p", 1)
+    if kv.get("c.p") != 1:
+        bad += 1
+    kv.clear()
+    if kv.get("c.count") is not None:
+        bad += 1
+    q.put(bad)
+
+
+def _threads_read_your_writes(q: Any) -> None:
+    import threading
+
+    kv = zkv.store()
+    kv.enable_cache("c.")
+    kv.set("c.t", -1)
+    stop = threading.Event()
+
+    def reader() -> None:  # keeps replies to older reads in flight while the writer writes
+        while not stop.is_set():
+            kv.get("c.t")
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    stale = 0
+    for i in range(200):
+        kv.set("c.t", i)
+        if kv.get("c.t") != i:
+            stale += 1
+    stop.set()
+    for t in threads:
+        t.join()
+    q.put(stale)
+
+
+def _writer(key: str, count: int) -> None:
+    kv = zkv.store()
+    for i in range(count):
+        kv.set(key, i)
+    kv.set(key + ".done", True)
+
+
+def _monotonic_reader(q: Any, key: str) -> None:
+    kv = zkv.store()
+    kv.enable_cache("c.")
+    last = -1
+    backwards = 0
+    reads = 0
+    while not kv.get(key + ".done", False) or last != kv.get(key):
+        value = kv.get(key, -1)
+        reads += 1
+        if value < last:
+            backwards += 1
+        last = max(last, value)
+    q.put((backwards, last, reads))
+
+
+class TestCoherence:
+    """A process reads its own writes; a reply racing an invalidation never sticks."""
+
+    def test_read_your_writes(self, kv: zkv.Store) -> None:
+        q = CTX.Queue()
+        proc = CTX.Process(target=_read_your_writes, args=(q,))
+        proc.start()
+        assert q.get(timeout=50) == 0
+        proc.join(30)
+
+    @pytest.mark.timeout(90)
+    def test_read_your_writes_while_other_threads_read(self, kv: zkv.Store) -> None:
+        q = CTX.Queue()
+        proc = CTX.Process(target=_threads_read_your_writes, args=(q,))
+        proc.start()
+        assert q.get(timeout=80) == 0
+        proc.join(30)
+
+    @pytest.mark.timeout(90)
+    def test_values_never_go_back_in_time(self, kv: zkv.Store) -> None:
+        kv["c.k"] = -1
+        q = CTX.Queue()
+        readers = [CTX.Process(target=_monotonic_reader, args=(q, "c.k")) for _ in range(2)]
+        for r in readers:
+            r.start()
+        writer = CTX.Process(target=_writer, args=("c.k", 2000))
+        writer.start()
+        writer.join(60)
+        results = [q.get(timeout=60) for _ in readers]
+        for r in readers:
+            r.join(30)
+        for backwards, last, _reads in results:
+            assert backwards == 0
+            assert last == 1999  # the final write became visible
+
+
+KEY = "c." + "k" * 2000 + ".{}"  # long keys: the backlog outgrows the kernel's socket buffers
+
+
+def _idle_then_read(q: Any, go: Any) -> None:
+    kv = zkv.store()
+    kv.enable_cache("c.")
+    for i in range(50):
+        kv.get(KEY.format(i))
+    q.put("cached")
+    go.wait(30)  # the owner overwrites everything while this process does not read
+    # The owner's writes returned before its invalidations left it: they arrive within the
+    # staleness window, or, those that were lost, through the sync that finds the loss.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        values = [kv.get(KEY.format(i)) for i in range(50)]
+        if values == ["new39"] * 50:
+            break
+    q.put((values, kv.cache_info()))
+
+
+class TestLostInvalidations:
+    """Invalidations lost to the high-water mark drop the whole cache instead of going stale."""
+
+    def test_overflow_flushes_the_cache(self) -> None:
+        with zkv.testing.private_store(hwm=20) as kv:
+            for i in range(50):
+                kv[KEY.format(i)] = "old"
+            q, go = CTX.Queue(), CTX.Event()
+            proc = CTX.Process(target=_idle_then_read, args=(q, go))
+            proc.start()
+            assert q.get(timeout=30) == "cached"
+            # First fill the reader's pipe with invalidations of other keys, then change the
+            # cached keys: their invalidations are the ones lost, at the end of the backlog,
+            # where no later message shows the gap. Only the sync can find it.
+            for j in range(2000):
+                kv[KEY.format(f"filler{j}")] = j
+            for round_ in range(40):
+                for i in range(50):
+                    kv[KEY.format(i)] = f"new{round_}"
+            go.set()
+            values, info = q.get(timeout=30)
+            proc.join(30)
+            assert values == ["new39"] * 50
+            assert info["flushes"] >= 1  # the loss was seen, not papered over
+
+
+def _owner(ready: Any) -> None:
+    kv = zkv.serve()
+    kv["c.x"] = 1
+    ready.put(kv.endpoint)
+    while True:
+        time.sleep(1)
+
+
+class TestOwnerDeath:
+    """A cache never serves values once its owner is gone."""
+
+    def test_cached_get_raises_owner_gone(self) -> None:
+        q = CTX.Queue()
+        owner = CTX.Process(target=_owner, args=(q,))
+        owner.start()
+        try:
+            client = zkv.connect(q.get(timeout=30), timeout=60)
+            client.enable_cache("c.")
+            assert client.get("c.x") == 1
+            assert client.get("c.x") == 1
+            os.kill(owner.pid, signal.SIGKILL)
+            owner.join(10)
+            started = time.monotonic()
+
+            def raises() -> bool:
+                try:
+                    client.get("c.x")
+                except zkv.OwnerGoneError:
+                    return True
+                return False
+
+            wait_for(raises, timeout=5, what="OwnerGoneError from a cached get")
+            assert time.monotonic() - started < 5
+            client.close()
+        finally:
+            if owner.is_alive():
+                owner.kill()
+
+
+class TestOrderingRules:
+    """The rules that make replies and invalidations race safely, one case at a time."""
+
+    @pytest.fixture
+    def cache(self, kv: zkv.Store) -> Any:
+        client = zkv.connect(kv.endpoint)
+        client.enable_cache("c.")
+        yield client._core.cache
+        client.close()
+
+    def test_reply_older_than_own_write_is_not_cached(self, cache: Any) -> None:
+        from zkv import codec
+        from zkv.cache import NOHIT
+
+        cache.written(["c.k"], 100)
+        assert cache.fill("c.k", 99, codec.dumps("old")) == "old"  # returned, not kept
+        assert cache.lookup("c.k") is NOHIT
+        cache.fill("c.k", 100, codec.dumps("new"))
+        assert cache.lookup("c.k") == "new"
+
+    def test_invalidation_before_reply(self, cache: Any) -> None:
+        from zkv import codec
+        from zkv.cache import NOHIT
+
+        cache._invalidate("c.k", 50)
+        cache.fill("c.k", 49, codec.dumps("stale"))
+        assert cache.lookup("c.k") is NOHIT
+        cache.fill("c.k", 50, codec.dumps("fresh"))
+        assert cache.lookup("c.k") == "fresh"
+
+    def test_invalidation_after_reply(self, cache: Any) -> None:
+        from zkv import codec
+        from zkv.cache import NOHIT
+
+        cache.fill("c.k", 60, codec.dumps("v60"))
+        cache._invalidate("c.k", 60)  # the change this value already reflects
+        assert cache.lookup("c.k") == "v60"
+        cache._invalidate("c.k", 61)
+        assert cache.lookup("c.k") is NOHIT
+
+    def test_values_are_copies(self, cache: Any) -> None:
+        from zkv import codec
+
+        cache.fill("c.list", 70, codec.dumps([1, 2]))
+        got = cache.lookup("c.list")
+        got.append(3)
+        assert cache.lookup("c.list") == [1, 2]
+
+    def test_uncovered_keys_are_not_cached(self, cache: Any) -> None:
+        from zkv import codec
+        from zkv.cache import NOHIT
+
+        cache.fill("other", 80, codec.dumps(1))
+        assert cache.lookup("other") is NOHIT

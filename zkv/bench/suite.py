@@ -1,0 +1,591 @@
+"""The benchmark suite: the processes it starts (the lab) and the rows it measures.
+
+:class:`Lab` forks everything that must be forked before the main process has threads (the
+Manager, the bare echo server, the Pipe server, a standalone zkv owner, the agents), then
+starts the things that run threads in the main process (the zkv owner, the publishers).
+:meth:`Lab.rows` lists the workloads; each case's ``run`` does one repetition.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.managers
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..store import Store, serve
+from . import baselines, workloads
+from .agents import AgentError, Agents, detach
+from .redis_server import RedisServer, RedisUnavailable
+from .runner import Case, Progress, Rep, Row, Settings, Target, percentile
+
+__all__ = ["SUBJECTS", "Lab"]
+
+ZKV = "zkv"
+ECHO = "bare zmq echo"
+PIPE = "Pipe echo"
+MANAGER = "Manager dict"
+REDIS = "Redis"
+LOCKED = "dict + Lock"
+ZPUB = "bare zmq PUB/SUB"
+RPUB = "Redis pub/sub"
+QUEUE = "mp.Queue"
+
+#: What each subject name in the table means.
+SUBJECTS = {
+    ZKV: "zkv: the owner is the benchmark's main process, the client a child process",
+    ECHO: "pyzmq DEALER -> ROUTER over ipc, server in its own process: one frame echoed "
+          "(values stored and returned as frames, without copying)",
+    PIPE: "multiprocessing.Pipe to a server process (pickled send/recv)",
+    MANAGER: "multiprocessing.Manager().dict() proxy",
+    REDIS: "redis-py over a unix socket to a private redis-server (no persistence); batches "
+           "use MGET/MSET and a non-transactional pipeline",
+    LOCKED: "a dict behind a threading.Lock in the same process",
+    ZPUB: "pyzmq XPUB -> SUB over ipc, same high-water mark as zkv",
+    RPUB: "redis-py: one PUBLISH call per message; a PubSub per subscriber",
+    QUEUE: "multiprocessing.Queue, one per subscriber (put into each)",
+}
+
+HWM = 100_000
+N_AGENTS = 16
+SMALL = ("str", 16)
+SMALL_BYTES = ("bytes", 16)
+BATCH = 1000
+
+
+def _standalone_owner(conn: multiprocessing.connection.Connection) -> None:
+    """A zkv owner in a process of its own, until told to stop (or the pipe closes)."""
+    detach()
+    with serve() as owner:
+        conn.send(owner.endpoint)
+        try:
+            conn.recv()
+        except (EOFError, OSError):
+            pass
+
+
+class _ZkvPublisher:
+    """The owner publishing (a subscription is live when ``subscribe`` returns)."""
+
+    reliable = False
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def wait_subscribers(self, channel: str, count: int, timeout: float = 10.0) -> None:
+        pass
+
+    def publish(self, channel: str, value: float) -> None:
+        self._store.publish(channel, value)
+
+    def close(self) -> None:
+        pass
+
+
+def _busy_until(moment: float) -> int:
+    """Pure-Python work (holding the GIL) until ``moment``."""
+    x = 0
+    while time.monotonic() < moment:
+        for i in range(2000):
+            x += i * i
+    return x
+
+
+class Lab:
+    """Everything one run needs; a context manager that stops it all."""
+
+    def __init__(self, settings: Settings, progress: Progress) -> None:
+        self.settings = settings
+        self.progress = progress
+        self._closers: list[Callable[[], None]] = []
+        self._channel = 0
+        self.redis_skip: str | None = None
+        self.redis_path = ""
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def __enter__(self) -> Lab:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _later(self, fn: Callable[[], None]) -> None:
+        self._closers.append(fn)
+
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("fork")
+        self.tmp = tempfile.mkdtemp(prefix="zkv-bench-")
+        self._later(lambda: shutil.rmtree(self.tmp, ignore_errors=True))
+
+        self.progress.note("starting redis-server, Manager, echo servers and "
+                           f"{N_AGENTS} agent processes")
+        redis = RedisServer()
+        try:
+            redis.start()
+            self.redis_path = redis.socket_path
+            self._later(redis.stop)
+        except RedisUnavailable as exc:
+            self.redis_skip = str(exc)
+
+        manager = multiprocessing.managers.SyncManager(ctx=ctx)
+        manager.start(detach)
+        self._later(manager.shutdown)
+        self.manager_dict = manager.dict()
+
+        self.echo_address = f"ipc://{self.tmp}/echo"
+        ready_r, ready_w = ctx.Pipe(duplex=False)
+        echo = ctx.Process(target=baselines.echo_server, args=(self.echo_address, ready_w),
+                           name="zkv-bench-echo", daemon=True)
+        echo.start()
+        ready_w.close()
+        if not ready_r.poll(30):
+            raise RuntimeError("the echo server did not start")
+        ready_r.close()
+
+        def stop_echo() -> None:
+            client = baselines.EchoKV(self.echo_address)
+            try:
+                client.stop_server()
+            finally:
+                client.close()
+            self._stop_process(echo)
+        self._later(stop_echo)
+
+        pipe_mine, pipe_theirs = ctx.Pipe()
+        piper = ctx.Process(target=baselines.pipe_server, args=(pipe_theirs,),
+                            name="zkv-bench-pipe", daemon=True)
+        piper.start()
+        pipe_theirs.close()
+
+        def stop_piper() -> None:
+            try:
+                pipe_mine.send(None)
+            except OSError:
+                pass
+            self._stop_process(piper)
+        self._later(stop_piper)
+
+        own_mine, own_theirs = ctx.Pipe()
+        standalone = ctx.Process(target=_standalone_owner, args=(own_theirs,),
+                                 name="zkv-bench-standalone-owner", daemon=True)
+        standalone.start()
+        own_theirs.close()
+        if not own_mine.poll(30):
+            raise RuntimeError("the standalone zkv owner did not start")
+        self.standalone_endpoint = own_mine.recv()
+
+        def stop_standalone() -> None:
+            try:
+                own_mine.send(None)
+            except OSError:
+                pass
+            self._stop_process(standalone)
+        self._later(stop_standalone)
+
+        self.queues = [ctx.Queue() for _ in range(4)]
+
+        def resources(i: int) -> dict[str, Any]:
+            return {"manager": self.manager_dict, "queues": self.queues,
+                    "pipe": pipe_mine if i == 0 else None}
+        self.agents = Agents(N_AGENTS, resources, ctx)
+        self._later(self.agents.close)  # (closers run in reverse: agents before servers)
+
+        # From here on the main process may run threads.
+        self.owner = serve()
+        self._later(self.owner.close)
+        self._later(self.agents.close)  # idempotent: before the owner their clients talk to
+        self.endpoint = self.owner.endpoint
+        self.zpub = baselines.ZmqPublisher(f"ipc://{self.tmp}/pub", HWM)
+        self._later(self.zpub.close)
+        self.rpub: Any = None
+        if not self.redis_skip:
+            self.rpub = baselines.RedisPublisher(self.redis_path)
+            self._later(self.rpub.close)
+        self.qpub = baselines.QueuePublisher(self.queues)
+        self.locked = baselines.LockedDict()
+
+    @staticmethod
+    def _stop_process(proc: Any) -> None:
+        proc.join(2.0)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(2.0)
+
+    def close(self) -> None:
+        closers, self._closers = self._closers, []
+        for fn in reversed(closers):
+            try:
+                fn()
+            except Exception as exc:  # pragma: no cover - best effort on the way out
+                self.progress.note(f"cleanup: {type(exc).__name__}: {exc}")
+        for q in getattr(self, "queues", []):
+            q.close()
+            q.cancel_join_thread()
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def zkv(self, cached: bool = False) -> tuple[Any, ...]:
+        return ("zkv", self.endpoint, cached)
+
+    def _redis_case(self, run: Callable[[], Callable[[bool], Rep]],
+                    subject: str = REDIS) -> Case:
+        if self.redis_skip:
+            return Case(subject, None, skip=self.redis_skip)
+        return Case(subject, run())
+
+    def _seed(self, specs: list[tuple[Any, ...]], items: list[tuple[str, str, int]]) -> None:
+        for spec in specs:
+            self.agents.call(workloads.prepare, [{"spec": spec, "items": items}])
+
+    def _kv_specs(self, *, pipe: bool = True, echo: bool = True) -> list[tuple[Any, ...]]:
+        specs: list[tuple[Any, ...]] = [self.zkv(), ("manager",)]
+        if echo:
+            specs.append(("echo", self.echo_address))
+        if pipe:
+            specs.append(("pipe",))
+        if not self.redis_skip:
+            specs.append(("redis", self.redis_path))
+        return specs
+
+    def _latency(self, spec: tuple[Any, ...], op: str, key: str, value: tuple[str, int], *,
+                 duration: float, min_ops: int, chunk: int = 1,
+                 warm: bool = True) -> Callable[[bool], Rep]:
+        def run(warmup: bool) -> Rep:
+            (samples,) = self.agents.call(workloads.latency_loop, [{
+                "spec": spec, "op": op, "key": key, "value": value,
+                "duration": 0.0 if warmup else duration,
+                "min_ops": 1 if warmup else min_ops, "chunk": chunk, "warm": warm}])
+            return Rep(samples)
+        return run
+
+    # -- rows ------------------------------------------------------------------------------------
+
+    def rows(self) -> list[Row]:
+        s = self.settings
+        out = [self._child_small("get"), self._child_small("set"),
+               self._owner_local("get"), self._owner_local("set")]
+        for mb in (1, s.large_mb):
+            out += [self._large("set", mb), self._large("get", mb)]
+        out += [self._batch("get_many"), self._batch("set_many"), self._batch("pipeline")]
+        out += [self._cached(), self._staleness()]
+        out += [self._pubsub(k, latency=False) for k in (1, 4)]
+        out += [self._pubsub(k, latency=True) for k in (1, 4)]
+        out += [self._clients(n) for n in (1, 4, 16)]
+        out.append(self._busy_owner())
+        return out
+
+    def _child_small(self, op: str) -> Row:
+        s = self.settings
+        lat: dict[str, Any] = dict(duration=s.latency_s, min_ops=s.min_ops)
+        key = "small"
+        cases = [
+            Case(ZKV, self._latency(self.zkv(), op, key, SMALL, **lat)),
+            Case(ECHO, self._latency(("echo", self.echo_address), "echo", key, SMALL_BYTES,
+                                     **lat)),
+            Case(PIPE, self._latency(("pipe",), "echo", key, SMALL, **lat)),
+            Case(MANAGER, self._latency(("manager",), op, key, SMALL, **lat)),
+            self._redis_case(lambda: self._latency(("redis", self.redis_path), op, key,
+                                                   SMALL, **lat)),
+        ]
+        return Row(
+            id=f"child_{op}", title=f"child {op}, small value", metric="latency", unit="",
+            cases=cases, targets=[Target("<=1.2x slower", against=ECHO, min_ratio=1 / 1.2)],
+            note="a child process; 16-byte value; the echo rows carry 16 bytes each way",
+            setup=lambda: self._seed(self._kv_specs(pipe=False, echo=False),
+                                     [(key, *SMALL)]))
+
+    def _owner_local(self, op: str) -> Row:
+        s = self.settings
+        owner, locked = self.owner, self.locked
+        value = workloads.make_value(*SMALL)
+        if op == "get":
+            zkv_call: Callable[[], Any] = lambda: owner.get("small")  # noqa: E731
+            lock_call: Callable[[], Any] = lambda: locked.get("small")  # noqa: E731
+        else:
+            zkv_call = lambda: owner.set("local", value)  # noqa: E731
+            lock_call = lambda: locked.set("local", value)  # noqa: E731
+
+        def local(call: Callable[[], Any]) -> Callable[[bool], Rep]:
+            def run(warmup: bool) -> Rep:
+                if warmup:
+                    return Rep(workloads.local_loop(call, 0.0, 100))
+                return Rep(workloads.local_loop(call, s.latency_s, s.min_ops * 100))
+            return run
+
+        def setup() -> None:
+            owner.set("small", value)
+            locked.set("small", value)
+        targets = [Target("<=2x slower", against=LOCKED, min_ratio=0.5)] if op == "get" else []
+        return Row(id=f"owner_{op}", title=f"owner-local {op}", metric="latency", unit="",
+                   cases=[Case(ZKV, local(zkv_call)), Case(LOCKED, local(lock_call))],
+                   targets=targets, setup=setup,
+                   note="in the owner's own process, timed per 100 calls")
+
+    def _large(self, op: str, mb: int) -> Row:
+        s = self.settings
+        size = mb * 1024 * 1024
+        key = f"big{mb}"
+        value = ("bytes", size)
+        big = mb >= 8
+        lat: dict[str, Any] = dict(duration=0.0, min_ops=s.large_ops, warm=False) if big \
+            else dict(duration=s.latency_s, min_ops=5)
+        specs = {ZKV: self.zkv(), ECHO: ("echo", self.echo_address), PIPE: ("pipe",),
+                 MANAGER: ("manager",)}
+        if not self.redis_skip:
+            specs[REDIS] = ("redis", self.redis_path)
+
+        def case(spec: tuple[Any, ...]) -> Callable[[bool], Rep]:
+            measure = self._latency(spec, op, key, value, **lat)
+
+            def run(warmup: bool) -> Rep:
+                # Clients are warm from earlier rows: the warm-up of a get stores the value
+                # it will read, that of a set does nothing (a 64 MB warm-up costs seconds).
+                if not warmup:
+                    return measure(False)
+                if op == "get":
+                    self._seed([spec], [(key, "bytes", size)])
+                return Rep([])
+            return run
+        cases = [Case(name, case(spec)) for name, spec in specs.items()]
+        if self.redis_skip:
+            cases.append(Case(REDIS, None, skip=self.redis_skip))
+        targets = []
+        if big:
+            targets = [Target("<=1.5x slower", against=ECHO, min_ratio=1 / 1.5),
+                       Target(">=2x faster", against=MANAGER, min_ratio=2.0),
+                       Target(">=2x faster", against=REDIS, min_ratio=2.0)]
+        return Row(id=f"{op}_{mb}mb", title=f"child {op}, {mb} MB bytes", metric="throughput",
+                   unit="MB/s", work=size / 1e6, cases=cases, targets=targets,
+                   note="a bytes value; the bare echo hands back bytes too (one copy)")
+
+    def _batch(self, op: str) -> Row:
+        s = self.settings
+
+        def case(spec: tuple[Any, ...]) -> Callable[[bool], Rep]:
+            def run(warmup: bool) -> Rep:
+                (samples,) = self.agents.call(workloads.batch_loop, [{
+                    "spec": spec, "op": op, "n_keys": BATCH,
+                    "duration": 0.0 if warmup else s.batch_s,
+                    "min_ops": 1 if warmup else 3}])
+                return Rep(samples)
+            return run
+        titles = {"get_many": "child get_many, 1000 keys", "set_many":
+                  "child set_many, 1000 keys", "pipeline": "child pipeline, 1000 ops"}
+        setup = None
+        if op == "get_many":
+            def setup() -> None:
+                specs = [self.zkv()] + ([] if self.redis_skip else
+                                        [("redis", self.redis_path)])
+                for spec in specs:
+                    self.agents.call(workloads.batch_loop, [{
+                        "spec": spec, "op": "set_many", "n_keys": BATCH, "duration": 0.0,
+                        "min_ops": 1}])
+        return Row(
+            id=op, title=titles[op], metric="throughput",
+            unit="ops/s" if op == "pipeline" else "keys/s", work=float(BATCH),
+            cases=[Case(ZKV, case(self.zkv())),
+                   self._redis_case(lambda: case(("redis", self.redis_path)))],
+            targets=[Target(">=100,000/s", min_speed=100_000.0),
+                     Target(">=1.3x faster", against=REDIS, min_ratio=1.3)],
+            setup=setup,
+            note="16-byte values; Redis: MGET / MSET / pipeline(transaction=False); the "
+                 "pipeline alternates set and get")
+
+    def _cached(self) -> Row:
+        s = self.settings
+        lat: dict[str, Any] = dict(duration=s.latency_s, min_ops=s.min_ops * 10, chunk=10)
+        key = "small"
+        return Row(
+            id="cached_get", title="child cached get, same key", metric="latency", unit="",
+            cases=[Case(ZKV, self._latency(self.zkv(cached=True), "get", key, SMALL, **lat)),
+                   Case("zkv, no cache", self._latency(self.zkv(), "get", key, SMALL, **lat)),
+                   Case(MANAGER, self._latency(("manager",), "get", key, SMALL, **lat)),
+                   self._redis_case(lambda: self._latency(("redis", self.redis_path), "get",
+                                                          key, SMALL, **lat))],
+            targets=[Target(">=20x faster", against=MANAGER, min_ratio=20.0)],
+            note="store.enable_cache(prefix='') in the child; timed per 10 reads",
+            setup=lambda: self._seed(self._kv_specs(pipe=False, echo=False),
+                                     [(key, *SMALL)]))
+
+    def _staleness(self) -> Row:
+        s = self.settings
+        owner = self.owner
+
+        counter = [0]  # values never repeat: a stale read of an earlier repetition's value
+                       # (legitimate, within the window) must not pass for this one's
+
+        def run(warmup: bool) -> Rep:
+            writes = 2 if warmup else s.staleness_writes
+            key = "stale"
+            first = counter[0] + 1
+            final = counter[0] = first + writes
+            owner.set(key, first)
+            with self.agents.session(workloads.staleness_reader, [{
+                    "spec": self.zkv(cached=True), "key": key, "final": final,
+                    "max_wait": writes * 0.02 + 10.0}]) as agents:
+                agents.wait_ready()
+                written: dict[int, float] = {}
+                for i in range(first + 1, final + 1):
+                    time.sleep(0.002)
+                    owner.set(key, i)
+                    written[i] = time.monotonic()
+                (seen,) = agents.results()
+            if not seen or seen[-1][0] != final:
+                shown = ", ".join(str(v) for v, _t in seen[-5:]) or "nothing new"
+                raise AgentError(f"the cached reader never saw the last write {final} "
+                                 f"(stale cache); last values seen: {shown}")
+            delays = [max(0.0, t - written[v]) for v, t in seen if v in written]
+            return Rep(delays, {"unseen": float(writes - len(delays))})
+        return Row(id="cache_staleness", title="cache staleness window", metric="latency",
+                   unit="", cases=[Case(ZKV, run)],
+                   note="owner sets a key every ~2 ms; a child reading it through its cache "
+                        "notes when each new value shows: the time after the set returned")
+
+    def _pubsub(self, k: int, latency: bool) -> Row:
+        s = self.settings
+
+        def case(spec: tuple[Any, ...], publisher: Any) -> Callable[[bool], Rep]:
+            def run(warmup: bool) -> Rep:
+                return self._pub_once(spec, publisher, k, latency, warmup)
+            return run
+        cases = [Case(ZKV, case(("zkv", self.endpoint), _ZkvPublisher(self.owner))),
+                 Case(ZPUB, case(("zmq", f"ipc://{self.tmp}/pub"), self.zpub)),
+                 self._redis_case(lambda: case(("redis", self.redis_path), self.rpub),
+                                  subject=RPUB),
+                 Case(QUEUE, case(("queue",), self.qpub))]
+        who = "1 child" if k == 1 else f"{k} children"
+        if latency:
+            return Row(id=f"pub_latency_{k}", title=f"pub/sub latency, owner -> {who}",
+                       metric="latency", unit="", cases=cases,
+                       note=f"{s.pub_latency_msgs} messages ~1 ms apart; publish to receive")
+        targets = []
+        if k == 1:
+            targets = [Target("0 silent losses", no_silent_loss=True),
+                       Target(">=0.8x its rate", against=ZPUB, min_ratio=0.8),
+                       Target(">=5x faster", against=RPUB, min_ratio=5.0)]
+        return Row(id=f"pub_rate_{k}", title=f"pub/sub throughput, owner -> {who}",
+                   metric="rate", unit="msgs/s", cases=cases, targets=targets,
+                   note=f"{s.pub_msgs} messages (or {s.pub_s} s of them) published as fast "
+                        "as possible; the rate at which each subscriber received them (the "
+                        "slowest); dropped = reported by the subscriber, lost = silently")
+
+    def _pub_once(self, spec: tuple[Any, ...], publisher: Any, k: int, latency: bool,
+                  warmup: bool) -> Rep:
+        s = self.settings
+        self._channel += 1
+        channel = f"bench.{self._channel}"
+        messages = 3 if warmup else s.pub_latency_msgs if latency else s.pub_msgs
+        duration = 0.01 if warmup else s.pub_s
+        with self.agents.session(workloads.subscriber_loop, [{
+                "spec": spec, "channel": channel, "hwm": HWM, "latency": latency,
+                "max_wait": duration + messages * 0.01 + 20.0}] * k) as agents:
+            agents.wait_ready()
+            publisher.wait_subscribers(channel, k)
+            publish = publisher.publish
+            clock = time.monotonic
+            sent = 0
+            t0 = clock()
+            if latency:
+                for _ in range(messages):
+                    publish(channel, clock())
+                    sent += 1
+                    time.sleep(0.001)
+            else:
+                end = t0 + duration
+                while sent < messages:
+                    publish(channel, float(sent))
+                    sent += 1
+                    if sent % 64 == 0 and clock() >= end:
+                        break
+            if publisher.reliable:
+                publish(channel, -1.0)
+            else:
+                deadline = clock() + 20.0
+                while True:
+                    publish(channel, -1.0)
+                    if agents.done(0.01) or clock() > deadline:
+                        break
+            results = agents.results()
+        received = dropped = silent = 0
+        rates = []
+        delays: list[float] = []
+        for r in results:
+            before = r["marker_seq"] - 1 if r["marker_seq"] is not None else sent
+            received += r["received"]
+            dropped += r["dropped"]
+            silent += max(0, before - r["received"] - r["dropped"])
+            delays.extend(r["delays"])
+            span = r["last"] - t0
+            rates.append(r["received"] / span if r["received"] and span > 0 else 0.0)
+        extra = {"sent": float(sent * k), "received": float(received),
+                 "dropped": float(dropped), "silent": float(silent)}
+        if latency:
+            return Rep(delays, extra)
+        return Rep([min(rates)], extra)
+
+    def _clients(self, n: int) -> Row:
+        s = self.settings
+
+        def case(spec: tuple[Any, ...], op: str, value: tuple[str, int]) -> \
+                Callable[[bool], Rep]:
+            def run(warmup: bool) -> Rep:
+                duration = 0.02 if warmup else s.clients_s
+                start_at = time.monotonic() + 0.05 + 0.005 * n
+                counts = self.agents.call(workloads.throughput_loop, [{
+                    "spec": spec, "op": op, "key": "small", "value": value,
+                    "start_at": start_at, "duration": duration}] * n)
+                return Rep([sum(counts) / duration])
+            return run
+        targets = [Target(">=0.85x its rate", against=ECHO, min_ratio=0.85)] if n == 16 else []
+        return Row(
+            id=f"clients_{n}", title=f"aggregate get rate, {n} client process"
+            + ("es" if n > 1 else ""), metric="rate", unit="req/s",
+            cases=[Case(ZKV, case(self.zkv(), "get", SMALL)),
+                   Case(ECHO, case(("echo", self.echo_address), "echo", SMALL_BYTES)),
+                   self._redis_case(lambda: case(("redis", self.redis_path), "get", SMALL))],
+            targets=targets, note="each client does small gets back to back for a fixed time",
+            setup=lambda: self._seed(self._kv_specs(pipe=False, echo=False),
+                                     [("small", *SMALL)]))
+
+    def _busy_owner(self) -> Row:
+        s = self.settings
+        key = "small"
+
+        def case(spec: tuple[Any, ...], busy: bool) -> Callable[[bool], Rep]:
+            def run(warmup: bool) -> Rep:
+                duration = 0.02 if warmup else s.busy_s
+                start_at = time.monotonic() + 0.05
+                with self.agents.session(workloads.latency_loop, [{
+                        "spec": spec, "op": "get", "key": key, "value": SMALL,
+                        "duration": duration, "min_ops": 1, "start_at": start_at}]) as agents:
+                    if busy:
+                        _busy_until(start_at + duration)
+                    (samples,) = agents.results()
+                total = sum(samples)
+                return Rep([len(samples) / total], {"ops": float(len(samples)),
+                                                    "seconds": total,
+                                                    "p99": percentile(samples, 99)},
+                           raw=samples)
+            return run
+        standalone = ("zkv", self.standalone_endpoint, False)
+        return Row(
+            id="busy_owner", title="child gets, owner's main thread busy", metric="rate",
+            unit="gets/s",
+            cases=[Case(ZKV, case(self.zkv(), True)),
+                   Case("zkv, owner idle", case(self.zkv(), False)),
+                   Case("zkv serve (own process)", case(standalone, True)),
+                   Case(MANAGER, case(("manager",), True))],
+            note="gets/s one child achieves while the main process runs pure-Python code; "
+                 "'zkv serve': the owner is a process of its own",
+            setup=lambda: self._seed([self.zkv(), standalone, ("manager",)],
+                                     [(key, *SMALL)]))

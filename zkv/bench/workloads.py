@@ -1,0 +1,331 @@
+"""What is measured: zkv's clients, and the measuring loops agents run.
+
+Each loop runs one repetition and returns its samples, so that the runner can interleave
+subjects (A B A B ...). Latency loops time every operation (or every ``chunk`` of them, for
+operations too short to time one by one) with ``time.perf_counter``; loops that must line up
+across processes use ``time.monotonic``, one clock for every process on Linux.
+
+A *subject spec* says which store an agent talks to and is the key of its cached client:
+``("zkv", endpoint, cached)``, ``("echo", address)``, ``("pipe",)``, ``("manager",)``,
+``("redis", socket_path)``; for pub/sub, ``("zkv", endpoint)``, ``("zmq", address)``,
+``("redis", socket_path)``, ``("queue",)``.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from ..errors import ZkvTimeoutError
+from ..store import Store, connect
+from . import baselines
+from .agents import Agent, NotAvailable
+
+__all__ = [
+    "ZkvKV",
+    "ZkvSubscriber",
+    "batch_loop",
+    "latency_loop",
+    "local_loop",
+    "make_value",
+    "open_kv",
+    "prepare",
+    "staleness_reader",
+    "subscriber_loop",
+    "throughput_loop",
+]
+
+Spec = tuple[Any, ...]
+
+
+def make_value(kind: str, size: int) -> Any:
+    """A value of ``size`` bytes: ``"bytes"`` (a pattern, not zeros) or ``"str"``."""
+    if kind == "str":
+        return "x" * size
+    pattern = b"0123456789abcdef"
+    return pattern * (size // len(pattern)) + pattern[: size % len(pattern)]
+
+
+class ZkvKV:
+    """A zkv client store; with ``cached`` its reads go through ``Store.enable_cache``."""
+
+    def __init__(self, endpoint: str, cached: bool) -> None:
+        self.store: Store = connect(endpoint)
+        if cached:
+            enable = getattr(self.store, "enable_cache", None)
+            if enable is None:
+                self.store.close()
+                raise NotAvailable("Store.enable_cache does not exist in this zkv version")
+            enable(prefix="")
+
+    def get(self, key: str) -> Any:
+        return self.store.get(key)
+
+    def set(self, key: str, value: Any) -> None:
+        self.store.set(key, value)
+
+    def get_many(self, keys: list[str]) -> Any:
+        return self.store.get_many(keys)
+
+    def set_many(self, items: dict[str, Any]) -> None:
+        self.store.set_many(items)
+
+    def pipeline(self, ops: list[tuple[str, str, Any]]) -> list[Any]:
+        with self.store.pipeline() as p:
+            for op, key, value in ops:
+                if op == "set":
+                    p.set(key, value)
+                else:
+                    p.get(key)
+        return p.results
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class ZkvSubscriber:
+    """A zkv :class:`~zkv.Subscriber` of one channel (live when made)."""
+
+    def __init__(self, store: Store, channel: str) -> None:
+        self._sub = store.subscribe(channel)
+
+    @property
+    def dropped(self) -> int:
+        return self._sub.dropped
+
+    def receive(self, timeout: float) -> tuple[float, int | None] | None:
+        try:
+            message = self._sub.receive_message(timeout)
+        except ZkvTimeoutError:
+            return None
+        return message.data, message.seq
+
+    def close(self) -> None:
+        self._sub.close()
+
+
+class _ZmqContext:
+    def __init__(self) -> None:
+        self.ctx: zmq.Context[Any] = zmq.Context()
+
+    def close(self) -> None:
+        self.ctx.destroy(0)
+
+
+def open_kv(agent: Agent, spec: Spec) -> Any:
+    """The agent's client for ``spec`` (made once, then reused)."""
+    def make() -> Any:
+        kind = spec[0]
+        if kind == "zkv":
+            return ZkvKV(spec[1], bool(spec[2]))
+        if kind == "echo":
+            return baselines.EchoKV(spec[1])
+        if kind == "pipe":
+            return baselines.PipeKV(agent.resources["pipe"])
+        if kind == "manager":
+            return baselines.ManagerKV(agent.resources["manager"])
+        if kind == "redis":
+            return baselines.RedisKV(spec[1])
+        raise ValueError(f"unknown subject {spec!r}")
+    return agent.client(spec, make)
+
+
+def _open_sub(agent: Agent, spec: Spec, channel: str, hwm: int) -> Any:
+    kind = spec[0]
+    if kind == "zkv":
+        return ZkvSubscriber(open_kv(agent, ("zkv", spec[1], False)).store, channel)
+    if kind == "zmq":
+        ctx = agent.client("zmq-context", _ZmqContext).ctx
+        return baselines.ZmqSubscriber(ctx, spec[1], channel, hwm)
+    if kind == "redis":
+        return baselines.RedisSubscriber(open_kv(agent, ("redis", spec[1]))._r, channel)
+    if kind == "queue":
+        return baselines.QueueSubscriber(agent.resources["queues"][agent.index], channel)
+    raise ValueError(f"unknown subscriber {spec!r}")
+
+
+def _operation(kv: Any, op: str, key: str, value: Any) -> Callable[[], Any]:
+    if op == "get":
+        return lambda: kv.get(key)
+    if op == "set":
+        return lambda: kv.set(key, value)
+    if op == "echo":
+        return lambda: kv.echo(value)
+    raise ValueError(f"unknown operation {op!r}")
+
+
+# -- loops run by agents ---------------------------------------------------------------------------
+
+def prepare(agent: Agent, spec: Spec, items: list[tuple[str, str, int]]) -> None:
+    """Set each ``(key, kind, size)`` to :func:`make_value` ``(kind, size)``."""
+    kv = open_kv(agent, spec)
+    for key, kind, size in items:
+        kv.set(key, make_value(kind, size))
+
+
+def _wait_until(moment: float) -> None:
+    while True:
+        left = moment - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, 0.05))
+
+
+def latency_loop(agent: Agent, spec: Spec, op: str, key: str, value: tuple[str, int],
+                 duration: float, min_ops: int, chunk: int = 1,
+                 start_at: float | None = None, warm: bool = True) -> array[float]:
+    """Seconds per operation, timed per ``chunk`` operations, for ``duration`` seconds (and
+    at least ``min_ops`` operations). ``warm``: one untimed call first."""
+    kv = open_kv(agent, spec)
+    call = _operation(kv, op, key, make_value(*value))
+    if warm:
+        call()
+    if start_at is not None:
+        _wait_until(start_at)
+    clock = time.perf_counter
+    samples: array[float] = array("d")
+    end = clock() + duration
+    done = 0
+    r = range(chunk)
+    while done < min_ops or clock() < end:
+        t0 = clock()
+        for _ in r:
+            call()
+        samples.append((clock() - t0) / chunk)
+        done += chunk
+    return samples
+
+
+def batch_loop(agent: Agent, spec: Spec, op: str, n_keys: int, duration: float,
+               min_ops: int) -> array[float]:
+    """Seconds per batch of ``n_keys`` small keys (``get_many``, ``set_many`` or a
+    ``pipeline`` alternating set and get), for ``duration`` seconds."""
+    kv = open_kv(agent, spec)
+    keys = [f"batch:{i}" for i in range(n_keys)]
+    value = make_value("str", 16)
+    if op == "get_many":
+        def call() -> Any:
+            return kv.get_many(keys)
+    elif op == "set_many":
+        items = dict.fromkeys(keys, value)
+
+        def call() -> Any:
+            return kv.set_many(items)
+    elif op == "pipeline":
+        ops = [("set", keys[i], value) if i % 2 == 0 else ("get", keys[i - 1], None)
+               for i in range(n_keys)]
+
+        def call() -> Any:
+            return kv.pipeline(ops)
+    else:
+        raise ValueError(f"unknown batch {op!r}")
+    call()
+    clock = time.perf_counter
+    samples: array[float] = array("d")
+    end = clock() + duration
+    while len(samples) < min_ops or clock() < end:
+        t0 = clock()
+        call()
+        samples.append(clock() - t0)
+    return samples
+
+
+def throughput_loop(agent: Agent, spec: Spec, op: str, key: str, value: tuple[str, int],
+                    start_at: float, duration: float) -> int:
+    """How many operations completed between ``start_at`` and ``start_at + duration``
+    (``time.monotonic``, shared by every agent)."""
+    kv = open_kv(agent, spec)
+    call = _operation(kv, op, key, make_value(*value))
+    call()
+    _wait_until(start_at)
+    end = start_at + duration
+    clock = time.monotonic
+    done = 0
+    while True:
+        call()
+        if clock() > end:
+            return done
+        done += 1
+
+
+def subscriber_loop(agent: Agent, spec: Spec, channel: str, hwm: int, max_wait: float,
+                    latency: bool) -> dict[str, Any]:
+    """Subscribe to ``channel``, say ready, and count messages until the marker (a negative
+    value) arrives. With ``latency``, each message carries its send time and the delay is
+    kept. ``marker_seq`` (zkv only) is the marker's sequence number: every message before it
+    was either received or counted in ``dropped``, unless some were lost silently."""
+    sub = _open_sub(agent, spec, channel, hwm)
+    try:
+        agent.ready()
+        received = 0
+        last = 0.0
+        delays: array[float] = array("d")
+        marker_seq: int | None = None
+        marked = False
+        clock = time.monotonic
+        deadline = clock() + max_wait
+        while True:
+            got = sub.receive(0.05)
+            if got is None:
+                if clock() > deadline or agent.aborted():
+                    break
+                continue
+            value, seq = got
+            if value < 0:
+                marked, marker_seq = True, seq
+                break
+            received += 1
+            last = clock()
+            if latency:
+                delays.append(last - value)
+        return {"received": received, "last": last, "delays": delays,
+                "dropped": sub.dropped, "marker_seq": marker_seq, "marked": marked}
+    finally:
+        sub.close()
+
+
+def staleness_reader(agent: Agent, spec: Spec, key: str, final: int,
+                     max_wait: float) -> list[tuple[int, float]]:
+    """Read ``key`` through the cache in a loop (yielding the GIL between reads) and note
+    when each new value is first seen, until ``final`` is seen."""
+    kv = open_kv(agent, spec)
+    seen = kv.get(key)
+    agent.ready()
+    out: list[tuple[int, float]] = []
+    clock = time.monotonic
+    deadline = clock() + max_wait
+    reads = 0
+    while seen != final and clock() < deadline:
+        value = kv.get(key)
+        if value != seen:
+            out.append((value, clock()))
+            seen = value
+        time.sleep(0)
+        reads += 1
+        if reads % 256 == 0 and agent.aborted():
+            break
+    return out
+
+
+# -- loops run by the main process -----------------------------------------------------------------
+
+def local_loop(call: Callable[[], Any], duration: float, min_ops: int,
+               chunk: int = 100) -> array[float]:
+    """Seconds per call of ``call``, timed per ``chunk`` calls, for ``duration`` seconds."""
+    clock = time.perf_counter
+    samples: array[float] = array("d")
+    r = range(chunk)
+    call()
+    end = clock() + duration
+    done = 0
+    while done < min_ops or clock() < end:
+        t0 = clock()
+        for _ in r:
+            call()
+        samples.append((clock() - t0) / chunk)
+        done += chunk
+    return samples
