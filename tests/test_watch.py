@@ -36,6 +36,7 @@ def _setting_child() -> None:
             kv.set("config.a", i)
             kv.set("configx", i)  # not under "config."
             kv.publish("stepped", i)
+        assert steps.receive(timeout=30) == "delete"
         kv.delete("config.a")
         kv.publish("stepped", "deleted")
 
@@ -59,6 +60,7 @@ class TestWatchAcrossProcesses:
                 assert stepped.receive(timeout=30) == i
                 kv.incr("config.n")
                 kv.set("other", i)  # not watched
+            kv.publish("step", "delete")
             assert stepped.receive(timeout=30) == "deleted"
             watcher.join(30)
             setter.join(30)
