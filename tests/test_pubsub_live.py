@@ -10,6 +10,7 @@ processes, without sleeping.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import queue
 from collections.abc import Callable
@@ -41,11 +42,11 @@ def _subscribe_rounds(first: int, rounds: int) -> None:
         if r % 2:
             inbox: queue.Queue[Any] = queue.Queue()
             kv.on_subscriber_receive(channel)(inbox.put)
-            got = _take_two(lambda: inbox.get(timeout=20), channel, kv, r)
+            got = _take_two(functools.partial(inbox.get, timeout=20), channel, kv, r)
             assert kv.remove_callback(inbox.put) == 1
         else:
             with kv.subscribe(channel) as sub:
-                got = _take_two(lambda: sub.receive(timeout=20), channel, kv, r)
+                got = _take_two(functools.partial(sub.receive, timeout=20), channel, kv, r)
         results.append(got)
     kv.set(f"results.{first}", results)
 
@@ -109,11 +110,11 @@ class TestLiveOnReturnInOwner:
             if r % 2:
                 inbox: queue.Queue[Any] = queue.Queue()
                 kv.on_subscriber_receive(channel)(inbox.put)
-                take: Callable[[], Any] = lambda: inbox.get(timeout=20)  # noqa: E731
+                take: Callable[[], Any] = functools.partial(inbox.get, timeout=20)
                 sub = None
             else:
                 sub = kv.subscribe(channel)
-                take = lambda: sub.receive(timeout=20)  # type: ignore[union-attr]  # noqa: E731
+                take = functools.partial(sub.receive, timeout=20)
             kv.publish(channel, r)
             if fresh:
                 helper = fork.Process(target=_publish_once, args=(channel, _second(r)))

@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 
 import zkv
-from zkv.testing import private_store
-from zkv.testing import wait_for
+from zkv.testing import private_store, wait_for
 
 HWM = 100
 BATCH = HWM // 2  # a fast subscriber is never more than this behind
@@ -187,6 +186,10 @@ class TestSlowCallbacks:
             assert any("zkv callbacks lost" in w for w in result["warnings"])
 
 
+def _mark_until(kv: zkv.Store, mark: Any, reading: threading.Event) -> None:
+    wait_for(lambda: kv.publish("flood", mark) or reading.is_set(), 30, interval=0.01)
+
+
 class TestLossReports:
     """Every loss is reported: the warnings add up to ``dropped``, also when several gaps come
     within a second (the rest is reported by a later message or on close)."""
@@ -201,8 +204,7 @@ class TestLossReports:
                     published += 1
                 mark = (MARK, _round)
                 reading = threading.Event()
-                marks = threading.Thread(target=lambda: wait_for(
-                    lambda: kv.publish("flood", mark) or reading.is_set(), 30, interval=0.01))
+                marks = threading.Thread(target=_mark_until, args=(kv, mark, reading))
                 marks.start()
                 while sub.receive(timeout=30) != mark:
                     pass
