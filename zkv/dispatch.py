@@ -8,6 +8,8 @@ first use, or one handed over with ``loop=``), in order per loop.
 
 Registering only records the callback and asks the dispatcher thread to subscribe; the thread is
 started by the first registration and stopped by :meth:`Dispatcher.close` (the store's close).
+A handler gets messages from the owner's welcome on (the same handshake as
+:class:`~zkv.pubsub.Subscriber`, probed again if a welcome is lost), never older ones.
 """
 
 from __future__ import annotations

@@ -370,7 +370,10 @@ class Subscriber:
         # Close the socket before warning (a warning may be an error): an unclosed socket
         # would keep the store's ZeroMQ context, and so the process's exit, waiting.
         if not getattr(self, "_closed", True):
-            self.close()
+            try:
+                self.close()
+            except Exception:  # pragma: no cover - interpreter shutdown
+                return
             warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
 
     def __exit__(self, *exc: object) -> None:
