@@ -258,7 +258,8 @@ class Connection:
         for ident, (ref, sock) in list(self._sockets.items()):
             thread = ref()
             if thread is None or not thread.is_alive():
-                sock.close(0)
+                # Linger: what the thread sent last (publishes: no reply) is still delivered.
+                sock.close(int(self.options.linger * 1000))
                 del self._sockets[ident]
 
     # -- requests --------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ first use, or one handed over with ``loop=``), in order per loop.
 
 Registering only records the callback and asks the dispatcher thread to subscribe; the thread is
 started by the first registration and stopped by :meth:`Dispatcher.close` (the store's close).
+A handler gets messages from the owner's welcome on (the same handshake as
+:class:`~zkv.pubsub.Subscriber`, probed again if a welcome is lost), never older ones.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import zmq
 
 from . import wire
 from .errors import OwnerGoneError, ZkvTimeoutError
-from .pubsub import GapCounter, Topics, decode, open_sub_socket
+from .pubsub import REPROBE_AFTER, GapCounter, Topics, decode, open_sub_socket
 from .waker import Waker
 from .wire import Kind
 
@@ -34,12 +36,30 @@ __all__ = ["Dispatcher"]
 
 log = logging.getLogger("zkv.dispatch")
 
+#: Seconds :meth:`Dispatcher.close` waits for a running callback to return.
+CLOSE_WAIT = 2.0
+
+
+@dataclasses.dataclass(eq=False)
+class _Pending:
+    """A subscription waiting for the owner's welcome."""
+
+    handler: _Handler
+    done: threading.Event
+    box: dict[str, BaseException]
+    deadline: float
+    reprobe_at: float
+    probes: list[bytes]
+
 
 @dataclasses.dataclass(eq=False)
 class _Handler:
     topics: Topics
     callback: Callable[[Any], Any]
     runner: _AsyncRunner | None
+    #: Set (on the dispatcher thread) when the owner's welcome arrives: from then on the
+    #: handler gets every message, and none published before its subscription was live.
+    live: bool = False
 
 
 class _AsyncRunner:
@@ -73,8 +93,9 @@ class _AsyncRunner:
     def close(self) -> None:
         if self._thread is not None:
             self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=5)
-            self.loop.close()
+            self._thread.join(timeout=CLOSE_WAIT)
+            if not self._thread.is_alive():  # else a coroutine blocks it: leave it be
+                self.loop.close()
 
 
 class Dispatcher:
@@ -93,6 +114,7 @@ class Dispatcher:
         self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
         self._waker = Waker()
         self._thread: threading.Thread | None = None
+        self._sock: zmq.Socket[Any] | None = None
         self._stopping = False
         self.gaps = GapCounter("zkv callbacks", hwm)
 
@@ -117,7 +139,7 @@ class Dispatcher:
         with self._mutex:
             self._handlers.append(handler)
             self._start()
-            self._commands.append(("sub", topics.all(), done, box))
+            self._commands.append(("sub", handler, done, box))
         self._waker.wake()
         if threading.current_thread() is self._thread:
             return
@@ -156,11 +178,20 @@ class Dispatcher:
             self._thread.start()
 
     def close(self) -> None:
-        """Stop the thread (after the callback running now, if any) and the event loop."""
+        """Stop the thread (after the callback running now, if any, has returned; waits at
+        most CLOSE_WAIT seconds for it) and the event loops."""
         self._stopping = True
         self._waker.wake()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=CLOSE_WAIT)
+            if thread.is_alive() and self._sock is not None:
+                # A callback is still running. Close its socket from here, or closing the
+                # ZeroMQ context (and so the process's exit) would wait for the callback;
+                # the thread stops when it returns, without touching the socket again.
+                log.warning("a zkv callback is still running after %.0fs; closing without "
+                            "waiting for it", CLOSE_WAIT)
+                self._sock.close(0)
         for runner in self._runners.values():
             runner.close()
         self._waker.close()
@@ -168,11 +199,11 @@ class Dispatcher:
     # -- the dispatcher thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        sock = open_sub_socket(self._ctx, self._address, self._hwm)
+        sock = self._sock = open_sub_socket(self._ctx, self._address, self._hwm)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._waker.fd, zmq.POLLIN)
-        pending: dict[bytes, tuple[threading.Event, dict[str, BaseException], float]] = {}
+        pending: dict[bytes, _Pending] = {}
         try:
             while not self._stopping:
                 ready = dict(poller.poll(100))
@@ -181,12 +212,15 @@ class Dispatcher:
                 while self._commands:
                     command = self._commands.popleft()
                     if command[0] == "sub":
-                        _, topics, done, box = command
+                        _, handler, done, box = command
+                        topics = handler.topics.all()
                         for topic in topics:
                             sock.setsockopt(zmq.SUBSCRIBE, topic)
                         probe = wire.make_probe(topics)
                         sock.setsockopt(zmq.SUBSCRIBE, probe)
-                        pending[probe] = (done, box, time.monotonic() + self._timeout)
+                        now = time.monotonic()
+                        pending[probe] = _Pending(handler, done, box, now + self._timeout,
+                                                  now + REPROBE_AFTER, [probe])
                     else:
                         for topic in command[1]:
                             sock.setsockopt(zmq.UNSUBSCRIBE, topic)
@@ -197,46 +231,65 @@ class Dispatcher:
                         except zmq.Again:
                             break
                         self._on_message(sock, frames, pending)
+                        if self._stopping:
+                            return
                 if pending:
-                    self._expire(pending)
+                    self._expire(sock, pending)
         except Exception:  # pragma: no cover - a bug; keep the traceback
             log.exception("zkv dispatcher thread crashed")
         finally:
             sock.close(0)
+            self.gaps.report()
 
-    def _expire(self, pending: dict[bytes, tuple[threading.Event, dict[str, BaseException],
-                                                 float]]) -> None:
+    def _expire(self, sock: zmq.Socket[Any], pending: dict[bytes, _Pending]) -> None:
+        """Fail the subscriptions that waited too long; probe again for those that waited a
+        while (a welcome can be dropped like any message when this socket's queue is full)."""
         now = time.monotonic()
         gone = not self._alive()
-        for probe, (done, box, deadline) in list(pending.items()):
-            if gone or now > deadline:
-                box["error"] = OwnerGoneError("the zkv owner is gone") if gone else \
+        for waiting in {id(w): w for w in pending.values()}.values():
+            if gone or now > waiting.deadline:
+                waiting.box["error"] = OwnerGoneError("the zkv owner is gone") if gone else \
                     ZkvTimeoutError("the zkv owner did not confirm a subscription")
-                del pending[probe]
-                done.set()
+                self._settle(sock, pending, waiting)
+            elif now > waiting.reprobe_at:  # the answer to any of its probes will do
+                probe = wire.make_probe(waiting.handler.topics.all())
+                sock.setsockopt(zmq.SUBSCRIBE, probe)
+                waiting.probes.append(probe)
+                waiting.reprobe_at = now + REPROBE_AFTER
+                pending[probe] = waiting
+
+    @staticmethod
+    def _settle(sock: zmq.Socket[Any], pending: dict[bytes, _Pending], waiting: _Pending) -> None:
+        for probe in waiting.probes:
+            pending.pop(probe, None)
+            sock.setsockopt(zmq.UNSUBSCRIBE, probe)
+        waiting.done.set()
 
     def _on_message(self, sock: zmq.Socket[Any], frames: list[bytes],
-                    pending: dict[bytes, tuple[threading.Event, dict[str, BaseException],
-                                               float]]) -> None:
+                    pending: dict[bytes, _Pending]) -> None:
         if len(frames) < 2:
             return
         topic, meta = frames[0], frames[1]
         if topic in pending:
-            done, _box, _deadline = pending.pop(topic)
-            sock.setsockopt(zmq.UNSUBSCRIBE, topic)
+            waiting = pending[topic]
             snapshot = wire.parse_welcome(frames[2]) if len(frames) > 2 else {}
-            self.gaps.start(snapshot)
-            done.set()
+            with self._mutex:
+                live = [h for h in self._handlers if h.live]
+            # Count gaps from the welcome for topics no live handler follows; keep counting
+            # (losses before the welcome included) for those one does.
+            self.gaps.start(snapshot, lambda t: any(h.topics.matches(t) for h in live))
+            waiting.handler.live = True
+            self._settle(sock, pending, waiting)
             return
         try:
             seq, _version, kind = wire.unpack_meta(meta)
         except Exception:
             return
-        if kind == Kind.WELCOME or not self.gaps.accept(topic, seq):
+        if kind == Kind.WELCOME:
             return
         with self._mutex:
-            handlers = [h for h in self._handlers if h.topics.matches(topic)]
-        if not handlers:
+            handlers = [h for h in self._handlers if h.live and h.topics.matches(topic)]
+        if not handlers or not self.gaps.accept(topic, seq):
             return
         try:
             message, _kind = decode(topic, meta, frames[2:])

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import threading
 import time
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -33,6 +34,10 @@ __all__ = ["Change", "Message", "Subscriber", "Topics"]
 log = logging.getLogger("zkv.pubsub")
 
 _SLICE = 0.1  # seconds between owner-liveness checks while waiting
+
+#: Seconds to wait for a welcome before probing again: when a subscriber's queue is full, the
+#: owner drops a welcome like any other message.
+REPROBE_AFTER = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +129,9 @@ def decode(topic: bytes, meta: bytes, frames: Sequence[Any]) -> tuple[Message, i
 
 
 class GapCounter:
-    """Counts messages lost per topic from their sequence numbers; logs a warning (at most
-    once a second per counter) when it finds some."""
+    """Counts messages lost per topic from their sequence numbers; logs a warning when it
+    finds some: at most once a second per counter, with what was lost since the last one (the
+    rest is reported by the next message after that second, or by :meth:`report`)."""
 
     def __init__(self, what: str, hwm: int) -> None:
         self.what = what
@@ -135,10 +141,15 @@ class GapCounter:
         self._unreported = 0
         self._reported_at = 0.0
 
-    def start(self, snapshot: dict[bytes, int]) -> None:
-        """Count from the welcome's snapshot for topics not already followed."""
+    def start(self, snapshot: dict[bytes, int],
+              followed: Callable[[bytes], bool] | None = None) -> None:
+        """Count from the welcome's snapshot for topics not already followed (``followed``
+        says which are; by default, those seen before)."""
         for topic, seq in snapshot.items():
-            self._last.setdefault(topic, seq)
+            if followed is None or followed(topic):
+                self._last.setdefault(topic, seq)
+            else:
+                self._last[topic] = seq
 
     def accept(self, topic: bytes, seq: int) -> bool:
         """Record ``seq`` for ``topic``; False if the message is older than the subscription."""
@@ -150,14 +161,18 @@ class GapCounter:
         if gap:
             self.dropped += gap
             self._unreported += gap
-            now = time.monotonic()
-            if now - self._reported_at >= 1.0:
-                log.warning("%s lost %d message(s) (%d in all): it fell behind by more than its "
-                            "high-water mark (hwm=%d)", self.what, self._unreported,
-                            self.dropped, self.hwm)
-                self._unreported = 0
-                self._reported_at = now
+        if self._unreported and time.monotonic() - self._reported_at >= 1.0:
+            self.report()
         return True
+
+    def report(self) -> None:
+        """Log the losses not reported yet, if any."""
+        if self._unreported:
+            log.warning("%s lost %d message(s) (%d in all): it fell behind by more than its "
+                        "high-water mark (hwm=%d)", self.what, self._unreported, self.dropped,
+                        self.hwm)
+            self._unreported = 0
+            self._reported_at = time.monotonic()
 
 
 def open_sub_socket(ctx: zmq.Context[Any], address: str, hwm: int) -> zmq.Socket[Any]:
@@ -168,23 +183,40 @@ def open_sub_socket(ctx: zmq.Context[Any], address: str, hwm: int) -> zmq.Socket
     return sock
 
 
-def await_welcome(sock: zmq.Socket[Any], probe: bytes, timeout: float,
+def await_welcome(sock: zmq.Socket[Any], topics: Sequence[bytes], timeout: float,
                   alive: Callable[[], bool]) -> dict[bytes, int]:
-    """Wait on ``sock`` for the owner's answer to ``probe``; discard anything received before
-    it (published before the subscription was live). Returns the welcome's snapshot."""
-    deadline = time.monotonic() + timeout
+    """Probe for ``topics`` (subscribed on ``sock`` already) and wait for the owner's welcome;
+    discard anything received before it (published before the subscription was live).
+    Probes again every REPROBE_AFTER seconds (the answer to any probe will do). Returns the
+    welcome's snapshot."""
+    now = time.monotonic()
+    deadline = now + timeout
+    probes: list[bytes] = []
+    reprobe_at = now
     while True:
-        remaining = deadline - time.monotonic()
+        now = time.monotonic()
+        if now >= reprobe_at:
+            probes.append(wire.make_probe(topics))
+            sock.setsockopt(zmq.SUBSCRIBE, probes[-1])
+            reprobe_at = now + REPROBE_AFTER
+        remaining = deadline - now
         if sock.poll(int(max(0.0, min(remaining, _SLICE)) * 1000)):
             frames = sock.recv_multipart()
-            if frames[0] == probe and len(frames) == 3:
-                sock.setsockopt(zmq.UNSUBSCRIBE, probe)
+            if frames[0] in probes and len(frames) == 3:
+                for probe in probes:
+                    sock.setsockopt(zmq.UNSUBSCRIBE, probe)
                 return wire.parse_welcome(frames[2])
-            continue
-        if not alive():
+        elif not alive():
             raise OwnerGoneError("the zkv owner is gone")
         if remaining <= 0:
             raise ZkvTimeoutError(f"the zkv owner did not confirm a subscription within {timeout}s")
+
+
+def _cancelling() -> bool:
+    """Whether the current asyncio task is being cancelled (Python 3.11+; else False)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling()) if cancelling is not None else False
 
 
 class Subscriber:
@@ -210,10 +242,9 @@ class Subscriber:
         try:
             for topic in topics.all():
                 self._sock.setsockopt(zmq.SUBSCRIBE, topic)
-            probe = wire.make_probe(topics.all())
-            self._sock.setsockopt(zmq.SUBSCRIBE, probe)
-            self._gaps.start(await_welcome(self._sock, probe, timeout, alive))
+            self._gaps.start(await_welcome(self._sock, topics.all(), timeout, alive))
         except BaseException:
+            self._closed = True
             self._sock.close(0)
             raise
 
@@ -276,7 +307,14 @@ class Subscriber:
         while True:
             if self._closed:
                 raise StoreClosedError("this subscriber is closed")
-            events = await self._async_sock.poll(int(_SLICE * 1000))
+            try:
+                events = await self._async_sock.poll(int(_SLICE * 1000))
+            except asyncio.CancelledError:
+                # close() cancels the pending poll: that ends iteration; a cancelled task
+                # stays cancelled.
+                if self._closed and not _cancelling():
+                    raise StoreClosedError("this subscriber is closed") from None
+                raise
             if events:
                 with self._lock:
                     if self._closed:
@@ -323,9 +361,20 @@ class Subscriber:
             if self._async_sock is not None:
                 self._async_sock.close(0)
             self._sock.close(0)
+            self._gaps.report()
 
     def __enter__(self) -> Subscriber:
         return self
+
+    def __del__(self) -> None:
+        # Close the socket before warning (a warning may be an error): an unclosed socket
+        # would keep the store's ZeroMQ context, and so the process's exit, waiting.
+        if not getattr(self, "_closed", True):
+            try:
+                self.close()
+            except Exception:  # pragma: no cover - interpreter shutdown
+                return
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=2, source=self)
 
     def __exit__(self, *exc: object) -> None:
         self.close()

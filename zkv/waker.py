@@ -26,13 +26,17 @@ class Waker:
                 pass
 
     def drain(self) -> None:
-        """Call before handling the queued work, so that work queued meanwhile wakes again."""
-        self._pending = False
+        """Call before handling the queued work, so that work queued meanwhile wakes again.
+
+        Empties the pipe *before* clearing the flag: cleared first, a wake-up written between
+        the two would be read here and leave the flag set over an empty pipe, and every later
+        wake() would be skipped (the poller then only noticed work at its next tick)."""
         try:
             while os.read(self.fd, 4096):
                 pass
         except OSError:
             pass
+        self._pending = False
 
     def close(self) -> None:
         for fd in (self.fd, self._w):
