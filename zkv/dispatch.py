@@ -102,12 +102,14 @@ class Dispatcher:
     """Receives the messages that this process's callbacks subscribed to, and runs them."""
 
     def __init__(self, ctx: zmq.Context[Any], address: str, *, hwm: int, timeout: float,
-                 alive: Callable[[], bool]) -> None:
+                 alive: Callable[[], bool],
+                 announce: Callable[[bytes], None] | None = None) -> None:
         self._ctx = ctx
         self._address = address
         self._hwm = hwm
         self._timeout = timeout
         self._alive = alive
+        self._announce = announce
         self._handlers: list[_Handler] = []
         self._runners: dict[int, _AsyncRunner] = {}
         self._mutex = threading.Lock()
@@ -218,6 +220,7 @@ class Dispatcher:
                             sock.setsockopt(zmq.SUBSCRIBE, topic)
                         probe = wire.make_probe(topics)
                         sock.setsockopt(zmq.SUBSCRIBE, probe)
+                        self._announce_probe(probe)
                         now = time.monotonic()
                         pending[probe] = _Pending(handler, done, box, now + self._timeout,
                                                   now + REPROBE_AFTER, [probe])
@@ -241,6 +244,13 @@ class Dispatcher:
             sock.close(0)
             self.gaps.report()
 
+    def _announce_probe(self, probe: bytes) -> None:
+        if self._announce is not None:
+            try:
+                self._announce(probe)
+            except Exception as exc:  # the welcome still comes, at the owner's next tick
+                log.debug("could not announce a probe: %s", exc)
+
     def _expire(self, sock: zmq.Socket[Any], pending: dict[bytes, _Pending]) -> None:
         """Fail the subscriptions that waited too long; probe again for those that waited a
         while (a welcome can be dropped like any message when this socket's queue is full)."""
@@ -254,6 +264,7 @@ class Dispatcher:
             elif now > waiting.reprobe_at:  # the answer to any of its probes will do
                 probe = wire.make_probe(waiting.handler.topics.all())
                 sock.setsockopt(zmq.SUBSCRIBE, probe)
+                self._announce_probe(probe)
                 waiting.probes.append(probe)
                 waiting.reprobe_at = now + REPROBE_AFTER
                 pending[probe] = waiting

@@ -184,10 +184,12 @@ def open_sub_socket(ctx: zmq.Context[Any], address: str, hwm: int) -> zmq.Socket
 
 
 def await_welcome(sock: zmq.Socket[Any], topics: Sequence[bytes], timeout: float,
-                  alive: Callable[[], bool]) -> dict[bytes, int]:
+                  alive: Callable[[], bool],
+                  announce: Callable[[bytes], None] | None = None) -> dict[bytes, int]:
     """Probe for ``topics`` (subscribed on ``sock`` already) and wait for the owner's welcome;
     discard anything received before it (published before the subscription was live).
-    Probes again every REPROBE_AFTER seconds (the answer to any probe will do). Returns the
+    Probes again every REPROBE_AFTER seconds (the answer to any probe will do). ``announce``
+    tells the owner a probe is coming, so that it watches for it at once. Returns the
     welcome's snapshot."""
     now = time.monotonic()
     deadline = now + timeout
@@ -198,6 +200,8 @@ def await_welcome(sock: zmq.Socket[Any], topics: Sequence[bytes], timeout: float
         if now >= reprobe_at:
             probes.append(wire.make_probe(topics))
             sock.setsockopt(zmq.SUBSCRIBE, probes[-1])
+            if announce is not None:
+                announce(probes[-1])
             reprobe_at = now + REPROBE_AFTER
         remaining = deadline - now
         if sock.poll(int(max(0.0, min(remaining, _SLICE)) * 1000)):
@@ -229,7 +233,8 @@ class Subscriber:
     """
 
     def __init__(self, ctx: zmq.Context[Any], address: str, topics: Topics, *, hwm: int,
-                 timeout: float, alive: Callable[[], bool], what: str) -> None:
+                 timeout: float, alive: Callable[[], bool], what: str,
+                 announce: Callable[[bytes], None] | None = None) -> None:
         if not topics:
             raise ValueError("subscribe to at least one channel or prefix")
         self._topics = topics
@@ -242,7 +247,7 @@ class Subscriber:
         try:
             for topic in topics.all():
                 self._sock.setsockopt(zmq.SUBSCRIBE, topic)
-            self._gaps.start(await_welcome(self._sock, topics.all(), timeout, alive))
+            self._gaps.start(await_welcome(self._sock, topics.all(), timeout, alive, announce))
         except BaseException:
             self._closed = True
             self._sock.close(0)

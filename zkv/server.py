@@ -529,10 +529,17 @@ class Server:
 
     def _flush_outbox(self) -> None:
         outbox = self._outbox
+        # Let the XPUB socket take in its subscribers' "I have read up to here" notices before
+        # sending: libzmq counts a subscriber's queue as full, and drops, until it has. The
+        # poller does not otherwise touch the XPUB socket while it waits in recv.
+        self._xpub.getsockopt(_EVENTS)
         # A batch at a time: an owner thread that keeps publishing must not keep this thread
         # from serving requests. What is left is sent on the next turn, at once.
-        for _ in range(min(len(outbox), _FLUSH_BATCH)):
-            item = outbox.popleft()
+        for _ in range(_FLUSH_BATCH):
+            try:
+                item = outbox.popleft()
+            except IndexError:  # emptied (a welcome flushes too, from inside this loop)
+                break
             what = item[0]
             if what == "pub":
                 self._fan_out(b"c" + item[1] + b"\0", Kind.MESSAGE, item[2], self.state.version)

@@ -354,7 +354,8 @@ class Store(MutableMapping[str, Any]):
     def _subscriber(self, topics: Topics, what: str) -> Subscriber:
         core = self._core
         sub = Subscriber(core.context, core.pub_address, topics, hwm=self._options.hwm,
-                         timeout=self._options.timeout, alive=core.owner_alive, what=what)
+                         timeout=self._options.timeout, alive=core.owner_alive, what=what,
+                         announce=core.expect_probe)
         self._subscribers.add(sub)
         return sub
 
@@ -403,7 +404,8 @@ class Store(MutableMapping[str, Any]):
                 self._dispatcher = Dispatcher(core.context, core.pub_address,
                                               hwm=self._options.hwm,
                                               timeout=self._options.timeout,
-                                              alive=core.owner_alive)
+                                              alive=core.owner_alive,
+                                              announce=core.expect_probe)
             return self._dispatcher
 
     def stats(self) -> dict[str, int]:
