@@ -138,10 +138,10 @@ class Server:
                                      f"not {bind!r}")
                 self._secure(auth.owner_keys(options.keys, bind))
                 self._router.bind(bind)
-                self.endpoint = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
+                self.endpoint = self._router.get_string(zmq.LAST_ENDPOINT)
                 host = ep.host or "*"
                 self._xpub.bind(f"tcp://{host}:*")
-                self.pub_announce = self._xpub.getsockopt(zmq.LAST_ENDPOINT).decode()
+                self.pub_announce = self._xpub.get_string(zmq.LAST_ENDPOINT)
                 self.pub_announce = self.pub_announce.rsplit(":", 1)[1]
             self.inproc_pub = f"inproc://zkv-pub-{secrets.token_hex(6)}"
             self._xpub.bind(self.inproc_pub)
@@ -567,9 +567,9 @@ class Server:
         for routing_id, cacher in self._cachers.items():
             if any(name.startswith(p) for p in cacher.prefixes):
                 cacher.seq += 1  # counted even if dropped: the client sees the gap
-                frames = wire.reply(0, Status.INVALIDATE, cacher.seq, version, [name])
+                message = wire.reply(0, Status.INVALIDATE, cacher.seq, version, [name])
                 try:
-                    send_frames(self._router, [routing_id, *frames])
+                    send_frames(self._router, [routing_id, *message])
                 except zmq.ZMQError:
                     pass
         topic = b"k" + name + b"\0"
