@@ -315,7 +315,7 @@ class Connection:
             try:
                 # Blocks at most _SLICE (the socket's RCVTIMEO). copy=True costs nothing more:
                 # every value is copied once when it is unpickled anyway.
-                reply = wire.recv_reply(sock)
+                reply = wire.recv_message(sock)
             except zmq.Again:
                 self._check_owner()
                 if time.monotonic() >= deadline:

@@ -27,7 +27,7 @@ from typing import Any
 import zmq
 
 from . import wire
-from .errors import OwnerGoneError, ZkvTimeoutError
+from .errors import OwnerGoneError, ProtocolError, ZkvTimeoutError
 from .pubsub import REPROBE_AFTER, GapCounter, Topics, decode, open_sub_socket
 from .waker import Waker
 from .wire import Kind
@@ -230,9 +230,11 @@ class Dispatcher:
                 if sock in ready:
                     for _ in range(1000):
                         try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                            frames = wire.split_published(sock.recv_multipart(zmq.NOBLOCK))
                         except zmq.Again:
                             break
+                        except ProtocolError:
+                            continue
                         self._on_message(sock, frames, pending)
                         if self._stopping:
                             return

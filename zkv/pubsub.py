@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import struct
 import threading
 import time
 import warnings
@@ -26,7 +27,7 @@ import zmq
 import zmq.asyncio
 
 from . import codec, wire
-from .errors import OwnerGoneError, StoreClosedError, ZkvTimeoutError
+from .errors import OwnerGoneError, ProtocolError, StoreClosedError, ZkvTimeoutError
 from .wire import Kind
 
 __all__ = ["Change", "Message", "Subscriber", "Topics"]
@@ -34,6 +35,9 @@ __all__ = ["Change", "Message", "Subscriber", "Topics"]
 log = logging.getLogger("zkv.pubsub")
 
 _SLICE = 0.1  # seconds between owner-liveness checks while waiting
+_NOBLOCK = int(zmq.NOBLOCK)
+_META_SIZE = struct.calcsize("<QQB")  # the meta at the end of a published message's topic frame
+_META_FROM = struct.Struct("<QQB").unpack_from
 
 #: Seconds to wait for a welcome before probing again: when a subscriber's queue is full, the
 #: owner drops a welcome like any other message.
@@ -119,13 +123,17 @@ def decode(topic: bytes, meta: bytes, frames: Sequence[Any]) -> tuple[Message, i
     """Turn a received message into a :class:`Message` (channel messages) or a Message whose
     data is a :class:`Change` (key events). Returns it and its kind."""
     seq, version, kind = wire.unpack_meta(meta)
+    return _message(topic, seq, version, kind, frames), kind
+
+
+def _message(topic: bytes, seq: int, version: int, kind: int, frames: Sequence[Any]) -> Message:
     name = wire.key_str(topic[1:-1])
     if kind == Kind.MESSAGE:
-        return Message(name, codec.loads(frames), seq), kind
+        return Message(name, codec.loads(frames), seq)
     if kind == Kind.SET:
         value = codec.loads(frames) if frames else None
-        return Message(name, Change(name, "set", value, version), seq), kind
-    return Message(name, Change(name, "delete", None, version), seq), kind
+        return Message(name, Change(name, "set", value, version), seq)
+    return Message(name, Change(name, "delete", None, version), seq)
 
 
 class GapCounter:
@@ -205,7 +213,10 @@ def await_welcome(sock: zmq.Socket[Any], topics: Sequence[bytes], timeout: float
             reprobe_at = now + REPROBE_AFTER
         remaining = deadline - now
         if sock.poll(int(max(0.0, min(remaining, _SLICE)) * 1000)):
-            frames = sock.recv_multipart()
+            try:
+                frames = wire.split_published(sock.recv_multipart())
+            except ProtocolError:
+                continue
             if frames[0] in probes and len(frames) == 3:
                 for probe in probes:
                     sock.setsockopt(zmq.UNSUBSCRIBE, probe)
@@ -271,11 +282,17 @@ class Subscriber:
             with self._lock:
                 if self._closed:
                     raise StoreClosedError("this subscriber is closed")
-                wait = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
-                if self._sock.poll(int(max(wait, 0.0) * 1000)):
-                    message = self._take(self._sock.recv_multipart(copy=False))
+                try:  # what is queued already is taken without waiting (the fast path)
+                    frames = wire.recv_message(self._sock, _NOBLOCK)
+                except zmq.Again:
+                    frames = None
+                if frames is not None:
+                    message = self._take(frames)
                     if message is not None:
                         return message
+                    continue
+                wait = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
+                if wait > 0 and self._sock.poll(max(1, int(wait * 1000))):
                     continue
             if not self._alive():
                 raise OwnerGoneError("the zkv owner is gone")
@@ -286,18 +303,20 @@ class Subscriber:
         """The next message's data (see :meth:`receive_message`)."""
         return self.receive_message(timeout).data
 
-    def _take(self, frames: list[Any]) -> Message | None:
-        if len(frames) < 2:
+    def _take(self, frames: list[bytes]) -> Message | None:
+        """The message in ``frames`` (as received), or None if it is not for this subscriber
+        (a prefix match of ZeroMQ's that is not an exact one) or older than its welcome."""
+        head = frames[0]
+        cut = len(head) - _META_SIZE
+        if cut < 1:
             return None
-        topic = frames[0].bytes
+        topic = head[:cut]
         if not self._topics.matches(topic):
             return None
-        meta = frames[1].bytes
-        seq = wire.unpack_meta(meta)[0]
+        seq, version, kind = _META_FROM(head, cut)
         if not self._gaps.accept(topic, seq):
             return None
-        values = [f.bytes if len(f) < 65536 else f for f in frames[2:]]
-        return decode(topic, meta, values)[0]
+        return _message(topic, seq, version, kind, frames[1:])
 
     def __iter__(self) -> Iterator[Any]:
         while True:
@@ -325,7 +344,7 @@ class Subscriber:
                     if self._closed:
                         raise StoreClosedError("this subscriber is closed")
                     try:
-                        frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        frames = wire.recv_message(self._sock, _NOBLOCK)
                     except zmq.Again:
                         continue
                 message = self._take(frames)

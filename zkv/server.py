@@ -524,8 +524,8 @@ class Server:
                 snapshot[topic] = self._seqs.get(topic, 0)
             else:
                 snapshot.update((t, s) for t, s in self._seqs.items() if t.startswith(topic))
-        self._xpub.send_multipart([probe, wire.pack_meta(0, self.state.version, Kind.WELCOME),
-                                   wire.pack_welcome(snapshot)])
+        send_frames(self._xpub, wire.published(probe, 0, self.state.version, Kind.WELCOME,
+                                               [wire.pack_welcome(snapshot)]))
 
     def _flush_outbox(self) -> None:
         outbox = self._outbox
@@ -559,8 +559,7 @@ class Server:
     def _fan_out(self, topic: bytes, kind: int, frames: Sequence[Frame], version: int) -> None:
         seq = self._seqs.get(topic, 0) + 1
         self._seqs[topic] = seq
-        self._xpub.send_multipart([topic, wire.pack_meta(seq, version, kind), *frames],
-                                  copy=False)
+        send_frames(self._xpub, wire.published(topic, seq, version, kind, frames))
 
     def _change_event(self, kind: int, key: str, entry: Entry | None, version: int) -> None:
         name = wire.key_bytes(key)
