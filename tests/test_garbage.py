@@ -317,7 +317,8 @@ class TestWellFramedButWrong:
         ops = [Op.SET, Op.GET][:len(counts)]
         index = b"".join(int(n).to_bytes(4, "little") for op_n in
                          zip(ops, counts, strict=True) for n in op_n)
-        frames = [head(Op.PIPELINE), index, b"lied", pickle.dumps(1), b"canary"]
+        frames = [head(Op.PIPELINE), index,
+                  *wire.pack_frames([b"lied", pickle.dumps(1), b"canary"])]
         exc = error_of(request(ctx, kv.endpoint, frames))
         assert isinstance(exc, zkv.ProtocolError)
         assert "lied" not in client  # nothing of it was applied
@@ -327,7 +328,8 @@ class TestWellFramedButWrong:
         # The total is right but each operation gets the wrong frames: each is answered (here
         # with errors) on its own, as in any pipeline.
         index = b"".join(n.to_bytes(4, "little") for n in (Op.SET, 1, Op.GET, 0, Op.GET, 2))
-        frames = [head(Op.PIPELINE), index, b"lied", pickle.dumps(1), b"canary"]
+        frames = [head(Op.PIPELINE), index,
+                  *wire.pack_frames([b"lied", pickle.dumps(1), b"canary"])]
         status, reply = request(ctx, kv.endpoint, frames) or (None, [])
         assert status == Status.OK
         sub_status = [int.from_bytes(reply[0][i:i + 4], "little") for i in range(0, 24, 8)]

@@ -7,6 +7,7 @@ a single call sends it and decodes the reply, and a pipeline packs many into one
 from __future__ import annotations
 
 import json
+import pickle
 from array import array
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -72,7 +73,10 @@ class RemoteCore:
         op, frames, decode, writes = encoded
         status, reply, _before, after = self.conn.request_versioned(op, frames, timeout)
         if writes is not None and self._cache is not None:
-            self._cache.written(None if writes is ALL else [writes], after)
+            if writes is ALL:
+                self._cache.written(None, after)
+            else:
+                self._cache.written(writes if isinstance(writes, list) else [writes], after)
         if status == Status.ERROR:
             raise wire.decode_error(reply)
         return decode(status, reply)
@@ -204,12 +208,39 @@ class RemoteCore:
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         keys = list(keys)
-        values = self.execute([("get", (key, MISSING)) for key in keys])
-        return {key: value for key, value in zip(keys, values, strict=True)
-                if value is not MISSING}
+
+        def decode(status: int, frames: list[Any]) -> dict[str, Any]:
+            counts = array("i")
+            counts.frombytes(frames[0])
+            values = wire.unpack_frames(frames[1:])
+            if len(counts) != len(keys) or sum(n for n in counts if n > 0) != len(values):
+                raise ProtocolError("get_many reply does not match the request")
+            out: dict[str, Any] = {}
+            at = 0
+            loads = pickle.loads
+            for key, n in zip(keys, counts, strict=True):
+                if n == 1 and values[at]:  # one pickle: the common case, unpickled directly
+                    try:
+                        out[key] = loads(values[at])
+                    except Exception:
+                        out[key] = codec.loads(values[at:at + 1])  # raises DecodeError
+                elif n > 0:
+                    out[key] = codec.loads(values[at:at + n])
+                at += max(n, 0)
+            return out
+        frames = wire.pack_frames([wire.key_bytes(key) for key in keys])
+        return self._call((Op.GET_MANY, frames, decode, None))  # type: ignore[no-any-return]
 
     def set_many(self, items: list[tuple[str, Any]]) -> None:
-        self.execute([("set", item) for item in items])
+        counts = array("I")
+        flat: list[Frame] = []
+        for key, value in items:
+            frames = codec.dumps(value)
+            counts.append(len(frames))
+            flat.append(wire.key_bytes(key))
+            flat.extend(frames)
+        self._call((Op.SET_MANY, [counts.tobytes(), *wire.pack_frames(flat)], _ok,
+                    [key for key, _value in items]))
 
     def execute(self, calls: list[tuple[str, tuple[Any, ...]]],
                 out: list[Any] | None = None) -> list[Any]:
@@ -220,18 +251,18 @@ class RemoteCore:
         if not calls:
             return []
         index = array("I")
-        frames: list[Frame] = [b""]
+        flat: list[Frame] = []
         decoders: list[Decode] = []
         written: list[str] = []
         for name, args in calls:
             op, sub, decode, writes = getattr(self, "_" + name)(*args)
             index.append(op)
             index.append(len(sub))
-            frames.extend(sub)
+            flat.extend(sub)
             decoders.append(decode)
             if writes is not None:
                 written.append(writes)
-        frames[0] = index.tobytes()
+        frames = [index.tobytes(), *wire.pack_frames(flat)]
         status, reply, _before, after = self.conn.request_versioned(Op.PIPELINE, frames)
         if written and self._cache is not None:
             self._cache.written(written, after)
@@ -241,9 +272,10 @@ class RemoteCore:
         out_index.frombytes(reply[0])
         if len(out_index) != 2 * len(calls):
             raise ProtocolError("pipeline reply does not match the request")
+        reply = wire.unpack_frames(reply[1:])
         results: list[Any] = [] if out is None else out
         first_error: BaseException | None = None
-        at = 1
+        at = 0
         for i, decode in enumerate(decoders):
             sub_status, n = out_index[2 * i], out_index[2 * i + 1]
             sub = reply[at:at + n]

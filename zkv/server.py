@@ -209,6 +209,8 @@ class Server:
             Op.CACHE_UNWATCH: self._cache_unwatch,
             Op.CACHE_SYNC: self._cache_sync,
             Op.PROBE: self._probe,
+            Op.GET_MANY: self._get_many,
+            Op.SET_MANY: self._set_many,
         }
 
     def _secure(self, keys: auth.OwnerKeys) -> None:
@@ -657,6 +659,8 @@ class Server:
         return (Status.NONE if entry is None else Status.OK), []
 
     def _pipeline(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        """``[index: (op u32, frame count u32)*, *packed frames]`` -> ``[index: (status,
+        frame count)*, *packed frames]``; the operations run in order, as one atomic step."""
         if not args:
             raise ProtocolError("PIPELINE needs an index")
         index = array("I")
@@ -664,15 +668,16 @@ class Server:
             index.frombytes(bytes(args[0]))
         except ValueError:
             raise ProtocolError("bad pipeline index") from None
-        if len(index) % 2 or sum(index[1::2]) != len(args) - 1:
+        flat = wire.unpack_frames(args[1:])
+        if len(index) % 2 or sum(index[1::2]) != len(flat):
             raise ProtocolError("pipeline index does not match its frames")
         out_index = array("I")
-        out: list[Frame] = [b""]
-        at = 1
+        out: list[Frame] = []
+        at = 0
         with self.state.lock:
             for i in range(0, len(index), 2):
                 op, n = index[i], index[i + 1]
-                sub = args[at:at + n]
+                sub = flat[at:at + n]
                 at += n
                 handler = self._handlers.get(op)
                 if handler is None or op in _NOT_PIPELINED:
@@ -687,8 +692,46 @@ class Server:
                 out_index.append(result[0])
                 out_index.append(len(result[1]))
                 out.extend(result[1])
-        out[0] = out_index.tobytes()
-        return Status.OK, out
+        return Status.OK, [out_index.tobytes(), *wire.pack_frames(out)]
+
+    def _get_many(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        """``[*packed keys]`` -> ``[counts: i32 per key (-1 missing), *packed value frames]``,
+        read atomically."""
+        keys = wire.unpack_frames(args)
+        counts = array("i")
+        out: list[Frame] = []
+        data = self.state.data
+        with self.state.lock:
+            for key in keys:
+                entry = data.get(wire.key_str(key))
+                if entry is None:
+                    counts.append(-1)
+                    continue
+                frames = entry.wire()
+                counts.append(len(frames))
+                out.extend(frames)
+        return Status.OK, [counts.tobytes(), *wire.pack_frames(out)]
+
+    def _set_many(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        """``[counts: u32 frames per value, *packed (key, *value frames)*]``, applied as one
+        atomic step."""
+        if not args:
+            raise ProtocolError("SET_MANY needs an index")
+        counts = array("I")
+        try:
+            counts.frombytes(bytes(args[0]))
+        except ValueError:
+            raise ProtocolError("bad SET_MANY index") from None
+        flat = wire.unpack_frames(args[1:])
+        if sum(counts) + len(counts) != len(flat) or 0 in counts:
+            raise ProtocolError("SET_MANY index does not match its frames")
+        items = []
+        at = 0
+        for n in counts:
+            items.append((wire.key_str(flat[at]), Entry.from_frames(flat[at + 1:at + 1 + n])))
+            at += 1 + n
+        self.state.put_many(items)
+        return Status.OK, []
 
     def _get_all(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         sections: list[Sequence[Frame]] = []

@@ -69,6 +69,7 @@ __all__ = [
     "pack_header",
     "pack_meta",
     "pack_reply",
+    "pack_frames",
     "pack_sections",
     "pack_welcome",
     "parse_welcome",
@@ -81,6 +82,7 @@ __all__ = [
     "unpack_header",
     "unpack_meta",
     "unpack_reply",
+    "unpack_frames",
     "unpack_sections",
 ]
 
@@ -120,6 +122,8 @@ class Op(enum.IntEnum):
     CACHE_UNWATCH = 23
     CACHE_SYNC = 24  # where is this socket's invalidation sequence now?
     PROBE = 25  # one-way: this process subscribed to a probe and waits for its welcome
+    GET_MANY = 26
+    SET_MANY = 27
 
 
 class Status(enum.IntEnum):
@@ -255,6 +259,50 @@ def unpack_sections(frames: Sequence[Frame]) -> list[Sequence[Frame]]:
     for n in counts:
         out.append(frames[at:at + n])
         at += n
+    return out
+
+
+def pack_frames(frames: Sequence[Frame]) -> list[Frame]:
+    """Many small frames as two: their lengths (i64 each; -1 for a large frame, which follows
+    as a frame of its own, not copied) and their bytes joined. Each ZeroMQ frame costs
+    microseconds on both sides; joining bytes costs nanoseconds."""
+    lengths = array("q")
+    small: list[bytes] = []
+    large: list[Frame] = []
+    for frame in frames:
+        if type(frame) is bytes and len(frame) < _MERGE_LIMIT:
+            lengths.append(len(frame))
+            small.append(frame)
+        else:
+            lengths.append(-1)
+            large.append(frame)
+    return [lengths.tobytes(), b"".join(small), *large]
+
+
+def unpack_frames(frames: Sequence[Any]) -> list[Any]:
+    """Inverse of :func:`pack_frames`. Raises ProtocolError if the parts do not add up."""
+    if len(frames) < 2:
+        raise ProtocolError("packed frames need a length index and a body")
+    lengths = array("q")
+    try:
+        lengths.frombytes(frames[0])
+    except ValueError:
+        raise ProtocolError("bad packed-frame index") from None
+    blob = bytes(frames[1])
+    out: list[Any] = []
+    at = 0
+    large = 2
+    for n in lengths:
+        if n >= 0:
+            out.append(blob[at:at + n])
+            at += n
+        else:
+            if large >= len(frames):
+                raise ProtocolError("packed-frame index names more large frames than sent")
+            out.append(frames[large])
+            large += 1
+    if at != len(blob) or large != len(frames):
+        raise ProtocolError("packed-frame index does not match its frames")
     return out
 
 
