@@ -30,6 +30,7 @@ Decode = Callable[[int, list[Any]], Any]
 #: writes none; ``ALL`` if it may write any key).
 Encoded = tuple[int, list[Frame], Decode, Any]
 ALL: Any = object()
+_LONG_KEY = 16 * 1024  # characters: a key this long may not fit a packed frame (64 KiB)
 
 
 def _ok(status: int, frames: list[Any]) -> None:
@@ -208,6 +209,10 @@ class RemoteCore:
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         keys = list(keys)
+        if any(len(key) >= _LONG_KEY for key in keys):  # keys too long to pack: a pipeline
+            values = self.execute([("get", (key, MISSING)) for key in keys])
+            return {key: value for key, value in zip(keys, values, strict=True)
+                    if value is not MISSING}
 
         def decode(status: int, frames: list[Any]) -> dict[str, Any]:
             counts = array("i")
@@ -215,6 +220,11 @@ class RemoteCore:
             values = wire.unpack_frames(frames[1:])
             if len(counts) != len(keys) or sum(n for n in counts if n > 0) != len(values):
                 raise ProtocolError("get_many reply does not match the request")
+            if len(values) == len(keys) and (not counts or min(counts) == 1):
+                try:  # one pickle per key, all there: the common case, at C speed
+                    return dict(zip(keys, map(pickle.loads, values), strict=True))
+                except Exception:
+                    pass  # the loop below says which value and why
             out: dict[str, Any] = {}
             at = 0
             loads = pickle.loads
@@ -232,15 +242,14 @@ class RemoteCore:
         return self._call((Op.GET_MANY, frames, decode, None))  # type: ignore[no-any-return]
 
     def set_many(self, items: list[tuple[str, Any]]) -> None:
-        counts = array("I")
-        flat: list[Frame] = []
-        for key, value in items:
-            frames = codec.dumps(value)
-            counts.append(len(frames))
-            flat.append(wire.key_bytes(key))
-            flat.extend(frames)
-        self._call((Op.SET_MANY, [counts.tobytes(), *wire.pack_frames(flat)], _ok,
-                    [key for key, _value in items]))
+        keys = [key for key, _value in items]
+        if any(len(key) >= _LONG_KEY for key in keys):  # keys too long to pack: a pipeline
+            self.execute([("set", item) for item in items])
+            return
+        counts, values = codec.dumps_many([value for _key, value in items])
+        frames = [counts, *wire.pack_frames([wire.key_bytes(k) for k in keys]),
+                  *wire.pack_frames(values)]
+        self._call((Op.SET_MANY, frames, _ok, keys))
 
     def execute(self, calls: list[tuple[str, tuple[Any, ...]]],
                 out: list[Any] | None = None) -> list[Any]:

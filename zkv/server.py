@@ -697,40 +697,51 @@ class Server:
     def _get_many(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         """``[*packed keys]`` -> ``[counts: i32 per key (-1 missing), *packed value frames]``,
         read atomically."""
-        keys = wire.unpack_frames(args)
+        try:
+            names = [key.decode("utf-8", "surrogatepass") for key in wire.unpack_frames(args)]
+        except (UnicodeDecodeError, AttributeError):
+            raise ProtocolError("GET_MANY keys must be small UTF-8 frames") from None
         counts = array("i")
         out: list[Frame] = []
-        data = self.state.data
         with self.state.lock:
-            for key in keys:
-                entry = data.get(wire.key_str(key))
+            for entry in list(map(self.state.data.get, names)):
                 if entry is None:
                     counts.append(-1)
                     continue
-                frames = entry.wire()
+                frames = entry.frames or entry.wire()
                 counts.append(len(frames))
                 out.extend(frames)
         return Status.OK, [counts.tobytes(), *wire.pack_frames(out)]
 
     def _set_many(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
-        """``[counts: u32 frames per value, *packed (key, *value frames)*]``, applied as one
-        atomic step."""
-        if not args:
-            raise ProtocolError("SET_MANY needs an index")
-        counts = array("I")
+        """``[counts: u32 frames per value (empty: one each), *packed keys (2 frames),
+        *packed value frames]``, applied as one atomic step."""
+        if len(args) < 5:
+            raise ProtocolError("SET_MANY needs an index, keys and values")
         try:
-            counts.frombytes(bytes(args[0]))
-        except ValueError:
-            raise ProtocolError("bad SET_MANY index") from None
-        flat = wire.unpack_frames(args[1:])
-        if sum(counts) + len(counts) != len(flat) or 0 in counts:
-            raise ProtocolError("SET_MANY index does not match its frames")
-        items = []
-        at = 0
-        for n in counts:
-            items.append((wire.key_str(flat[at]), Entry.from_frames(flat[at + 1:at + 1 + n])))
-            at += 1 + n
-        self.state.put_many(items)
+            names = [key.decode("utf-8", "surrogatepass")
+                     for key in wire.unpack_frames(args[1:3])]
+        except (UnicodeDecodeError, AttributeError):
+            raise ProtocolError("SET_MANY keys must be small UTF-8 frames") from None
+        values = wire.unpack_frames(args[3:])
+        if not args[0]:
+            if len(values) != len(names):
+                raise ProtocolError("SET_MANY has not one value per key")
+            entries = Entry.many_from_frames(values)
+        else:
+            counts = array("I")
+            try:
+                counts.frombytes(bytes(args[0]))
+            except ValueError:
+                raise ProtocolError("bad SET_MANY index") from None
+            if len(counts) != len(names) or sum(counts) != len(values) or 0 in counts:
+                raise ProtocolError("SET_MANY index does not match its frames")
+            entries = []
+            at = 0
+            for n in counts:
+                entries.append(Entry.from_frames(values[at:at + n]))
+                at += n
+        self.state.put_many(list(zip(names, entries, strict=True)))
         return Status.OK, []
 
     def _get_all(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:

@@ -89,6 +89,12 @@ class Entry:
         """An entry for a value that arrived from another process."""
         return cls(_NOOBJ, frames)
 
+    @classmethod
+    def many_from_frames(cls, values: list[Frame]) -> list[Entry]:
+        """Entries for many single-frame values that arrived from another process."""
+        noobj = _NOOBJ
+        return [cls(noobj, [value]) for value in values]
+
     def load(self) -> Any:
         """The value as an object: the kept object, or a fresh unpickled copy."""
         obj = self.obj
@@ -153,8 +159,16 @@ class State:
 
     def put_many(self, items: list[tuple[str, Entry]]) -> None:
         with self.lock:
-            for key, entry in items:
-                self._put(key, entry)
+            data = self.data
+            version = self.version
+            for key, entry in items:  # _put, inlined: batches are where it adds up
+                version += 1
+                entry.version = version
+                data[key] = entry
+                self.version = version
+                hook = self.on_change
+                if hook is not None:
+                    hook(SET, key, entry, version)
 
     def delete(self, key: str) -> Entry | None:
         """Remove ``key``; return its entry, or None if it was missing."""
