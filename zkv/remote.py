@@ -158,7 +158,14 @@ class RemoteCore:
         cache = self._cache
         if cache is not None and cache.covers(key):
             return self._cached_get(cache, key, default)
-        return self._call(self._get(key, default))
+        # _call(_get(...)) without the closure: the most frequent request of all.
+        status, reply, _before, _after = self.conn.request_versioned(
+            Op.GET, [key.encode("utf-8", "surrogatepass")])
+        if status == Status.OK:
+            return codec.loads(reply)
+        if status == Status.NONE:
+            return default
+        raise wire.decode_error(reply)
 
     def set(self, key: str, value: Any) -> None:
         self._call(self._set(key, value))

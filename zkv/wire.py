@@ -379,7 +379,8 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[Frame], noblock: bool = 
     flags = _NOBLOCK if noblock else 0
     last = len(frames) - 1
     for i, frame in enumerate(frames):
-        sock.send(frame, flags | _SNDMORE if i < last else flags, copy=False)
+        small = type(frame) is bytes and len(frame) < _MERGE_LIMIT
+        sock.send(frame, flags | _SNDMORE if i < last else flags, copy=small)
 
 
 _RCVMORE = int(zmq.RCVMORE)
