@@ -198,9 +198,11 @@ class TestLossReports:
         with private_store(hwm=HWM) as kv, caplog.at_level(logging.WARNING, "zkv"):
             sub = kv.subscribe("flood")
             published = 0
-            for _round in range(3):  # three separate overflows, well within a second
-                for _ in range(10 * HWM):
-                    kv.publish("flood", published)
+            overflows = 0
+            for _round in range(10):  # separate overflows, well within a second
+                before = sub.dropped
+                for _ in range(30 * HWM):  # 1 kB each: more than the socket buffers hold
+                    kv.publish("flood", (published, PAYLOAD))
                     published += 1
                 mark = (MARK, _round)
                 reading = threading.Event()
@@ -210,8 +212,12 @@ class TestLossReports:
                     pass
                 reading.set()
                 marks.join()
+                overflows += sub.dropped > before
+                if overflows == 3:
+                    break
             dropped = sub.dropped
             sub.close()
+        assert overflows >= 2, "the subscriber never fell behind: the test proves nothing"
         assert 0 < dropped < published
         reported = [r.args[1] for r in caplog.records if "lost" in r.getMessage()]
         assert len(reported) >= 2
