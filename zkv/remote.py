@@ -30,6 +30,7 @@ Decode = Callable[[int, list[Any]], Any]
 #: writes none; ``ALL`` if it may write any key).
 Encoded = tuple[int, list[Frame], Decode, Any]
 ALL: Any = object()
+_PACK_LIMIT = 32 * 1024  # bytes: smaller values are sent in one frame with their key
 _LONG_KEY = 16 * 1024  # characters: a key this long may not fit a packed frame (64 KiB)
 
 
@@ -119,7 +120,12 @@ class RemoteCore:
         return Op.GET, [wire.key_bytes(key)], decode, None
 
     def _set(self, key: str, value: Any) -> Encoded:
-        return Op.SET, [wire.key_bytes(key), *codec.dumps(value)], _ok, key
+        name = wire.key_bytes(key)
+        frames = codec.dumps(value)
+        first = frames[0]
+        if len(frames) == 1 and isinstance(first, bytes) and len(first) < _PACK_LIMIT:
+            return Op.SET_PACKED, [wire.pack_key_value(name, first)], _ok, key  # the usual
+        return Op.SET, [name, *frames], _ok, key
 
     def _delete(self, key: str) -> Encoded:
         return Op.DELETE, [wire.key_bytes(key)], _found, key

@@ -211,6 +211,7 @@ class Server:
             Op.PROBE: self._probe,
             Op.GET_MANY: self._get_many,
             Op.SET_MANY: self._set_many,
+            Op.SET_PACKED: self._set_packed,
         }
 
     def _secure(self, keys: auth.OwnerKeys) -> None:
@@ -652,6 +653,14 @@ class Server:
         if len(args) < 2:
             raise ProtocolError("SET needs a key and a value")
         self.state.put(wire.key_str(args[0]), Entry.from_frames(args[1:]))
+        return Status.OK, []
+
+    def _set_packed(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]
+                    ) -> Reply:
+        if len(args) != 1:
+            raise ProtocolError("SET_PACKED needs one frame")
+        name, value = wire.unpack_key_value(bytes(args[0]))
+        self.state.put(wire.key_str(name), Entry.from_frames([value]))
         return Status.OK, []
 
     def _delete(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:

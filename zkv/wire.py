@@ -69,6 +69,7 @@ __all__ = [
     "make_probe",
     "pack_frames",
     "pack_header",
+    "pack_key_value",
     "pack_meta",
     "pack_reply",
     "pack_sections",
@@ -82,6 +83,7 @@ __all__ = [
     "split_published",
     "unpack_frames",
     "unpack_header",
+    "unpack_key_value",
     "unpack_meta",
     "unpack_reply",
     "unpack_sections",
@@ -125,6 +127,7 @@ class Op(enum.IntEnum):
     PROBE = 25  # one-way: this process subscribed to a probe and waits for its welcome
     GET_MANY = 26
     SET_MANY = 27
+    SET_PACKED = 28  # SET with key and a one-frame value in one frame: u32 key length, key, value
 
 
 class Status(enum.IntEnum):
@@ -312,6 +315,24 @@ def unpack_frames(frames: Sequence[Any]) -> list[Any]:
     if at != len(blob) or large != len(frames):
         raise ProtocolError("packed-frame index does not match its frames")
     return out
+
+
+_KEY_LENGTH = struct.Struct("<I")
+
+
+def pack_key_value(key: bytes, value: bytes) -> bytes:
+    """Key and value in one frame (``SET_PACKED``): one frame less than ``[key, value]``."""
+    return _KEY_LENGTH.pack(len(key)) + key + value
+
+
+def unpack_key_value(frame: bytes) -> tuple[bytes, bytes]:
+    try:
+        (n,) = _KEY_LENGTH.unpack_from(frame)
+    except struct.error:
+        raise ProtocolError("SET_PACKED frame too short") from None
+    if 4 + n > len(frame):
+        raise ProtocolError("SET_PACKED key length runs past the frame")
+    return frame[4:4 + n], frame[4 + n:]
 
 
 def key_bytes(key: str) -> bytes:
