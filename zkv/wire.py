@@ -29,13 +29,14 @@ of the first frame only, and a frame less per message is a fifth of the cost of 
 
 Topics: ``c<channel>\\0`` for channel messages (``c<prefix>`` for a prefix subscription),
 ``k<key>\\0`` for change events of a key, ``w<token>`` for the welcome that makes a
-subscription live.
+subscription live. ``seq`` counts messages per topic, so a subscriber sees its losses as gaps.
 
 Cache invalidation (owner ROUTER -> a client's cache DEALER, on the same pipe as that socket's
 replies, so a reply proves which invalidations came before it)::
 
     [header: rid 0, status INVALIDATE, seq u64, version u64] [key]
- ``seq`` counts messages per topic, so a subscriber sees its losses as gaps.
+
+The full description, with every operation, is docs/protocol.md.
 """
 
 from __future__ import annotations
