@@ -53,6 +53,7 @@ _PROBE_MEMORY = 10.0  # seconds an announced probe is awaited, and an answered o
 _WAKE_ID = b"\x00zkv-wake"  # routing id of the owner threads' wake socket (clients use 12 bytes)
 _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 
 Reply = tuple[int, list[Frame]] | None
@@ -438,9 +439,13 @@ class Server:
 
     def _reply(self, routing_id: bytes, rid: int, status: int, out: list[Frame],
                before: int) -> None:
+        message = wire.reply(rid, status, before, self.state.version, out)
         try:
-            send_frames(self._router,
-                        [routing_id, *wire.reply(rid, status, before, self.state.version, out)])
+            if len(message) == 1 and len(message[0]) < _LARGE:  # the usual reply: one frame
+                self._router.send(routing_id, _SNDMORE_NOBLOCK)
+                self._router.send(message[0], _NOBLOCK)
+            else:
+                send_frames(self._router, [routing_id, *message])
         except zmq.ZMQError as exc:  # peer gone: its request dies with it
             log.debug("reply to %r dropped: %s", routing_id, exc)
 
