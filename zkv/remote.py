@@ -174,7 +174,12 @@ class RemoteCore:
         raise wire.decode_error(reply)
 
     def set(self, key: str, value: Any) -> None:
-        self._call(self._set(key, value))
+        op, frames, _decode, _writes = self._set(key, value)
+        status, reply, _before, after = self.conn.request_versioned(op, frames)
+        if self._cache is not None:
+            self._cache.written([key], after)
+        if status == Status.ERROR:
+            raise wire.decode_error(reply)
 
     def delete(self, key: str) -> bool:
         return bool(self._call(self._delete(key)))
