@@ -56,6 +56,7 @@ log = logging.getLogger("zkv.client")
 _SLICE = 0.1  # seconds between owner-liveness checks while a request waits
 _LARGE = 64 * 1024
 _NOBLOCK = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
 
 
 class IpcWatch:
@@ -316,12 +317,20 @@ class Connection:
 
     def _exchange(self, sock: zmq.Socket[Any], rid: int, op: int, frames: Sequence[Frame],
                   deadline: float, timeout: float) -> tuple[int, list[Any], int, int]:
-        self._send(sock, wire.request(rid, op, frames), deadline)
+        message = wire.request(rid, op, frames)
+        try:  # the usual request: one small frame, and room in the queue
+            if len(message) != 1 or len(message[0]) >= _LARGE:
+                raise zmq.Again
+            sock.send(message[0], _NOBLOCK)
+        except zmq.Again:
+            self._send(sock, message, deadline)
         while True:
             try:
                 # Blocks at most _SLICE (the socket's RCVTIMEO). Copying costs nothing more:
                 # every value is copied once when it is unpickled anyway.
-                reply = wire.recv_message(sock)
+                reply = [sock.recv()]
+                while sock.get(_RCVMORE):
+                    reply.append(sock.recv())
             except zmq.Again:
                 self._check_owner()
                 if time.monotonic() >= deadline:
@@ -352,10 +361,7 @@ class Connection:
     def _send(self, sock: zmq.Socket[Any], frames: list[Frame], deadline: float) -> None:
         while True:
             try:
-                if len(frames) == 1 and len(frames[0]) < _LARGE:
-                    sock.send(frames[0], _NOBLOCK)  # the usual request: one small frame
-                else:
-                    wire.send_frames(sock, frames)
+                wire.send_frames(sock, frames)
                 return
             except zmq.Again:
                 pass

@@ -168,6 +168,11 @@ class RemoteCore:
         status, reply, _before, _after = self.conn.request_versioned(
             Op.GET, [key.encode("utf-8", "surrogatepass")])
         if status == Status.OK:
+            if len(reply) == 1:  # one pickle: the usual value
+                try:
+                    return pickle.loads(reply[0])
+                except Exception:
+                    pass  # codec.loads says why, as a DecodeError
             return codec.loads(reply)
         if status == Status.NONE:
             return default
