@@ -261,7 +261,7 @@ class RemoteCore:
                     out[key] = codec.loads(values[at:at + n])
                 at += max(n, 0)
             return out
-        frames = wire.pack_frames([wire.key_bytes(key) for key in keys])
+        frames = wire.pack_frames(wire.keys_bytes(keys))
         return self._call((Op.GET_MANY, frames, decode, None))  # type: ignore[no-any-return]
 
     def set_many(self, items: list[tuple[str, Any]]) -> None:
@@ -270,7 +270,7 @@ class RemoteCore:
             self.execute([("set", item) for item in items])
             return
         counts, values = codec.dumps_many([value for _key, value in items])
-        frames = [counts, *wire.pack_frames([wire.key_bytes(k) for k in keys]),
+        frames = [counts, *wire.pack_frames(wire.keys_bytes(keys)),
                   *wire.pack_frames(values)]
         self._call((Op.SET_MANY, frames, _ok, keys))
 

@@ -711,10 +711,7 @@ class Server:
     def _get_many(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         """``[*packed keys]`` -> ``[counts: i32 per key (-1 missing), *packed value frames]``,
         read atomically."""
-        try:
-            names = [key.decode("utf-8", "surrogatepass") for key in wire.unpack_frames(args)]
-        except (UnicodeDecodeError, AttributeError):
-            raise ProtocolError("GET_MANY keys must be small UTF-8 frames") from None
+        names = wire.keys_str(wire.unpack_frames(args))
         counts = array("i")
         out: list[Frame] = []
         with self.state.lock:
@@ -732,11 +729,7 @@ class Server:
         *packed value frames]``, applied as one atomic step."""
         if len(args) < 5:
             raise ProtocolError("SET_MANY needs an index, keys and values")
-        try:
-            names = [key.decode("utf-8", "surrogatepass")
-                     for key in wire.unpack_frames(args[1:3])]
-        except (UnicodeDecodeError, AttributeError):
-            raise ProtocolError("SET_MANY keys must be small UTF-8 frames") from None
+        names = wire.keys_str(wire.unpack_frames(args[1:3]))
         values = wire.unpack_frames(args[3:])
         if not args[0]:
             if len(values) != len(names):

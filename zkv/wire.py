@@ -44,6 +44,7 @@ from __future__ import annotations
 import enum
 import itertools
 import json
+import operator
 import os
 import pickle
 import struct
@@ -67,6 +68,8 @@ __all__ = [
     "encode_json",
     "key_bytes",
     "key_str",
+    "keys_bytes",
+    "keys_str",
     "make_probe",
     "pack_frames",
     "pack_header",
@@ -334,6 +337,23 @@ def unpack_key_value(frame: bytes) -> tuple[bytes, bytes]:
     if 4 + n > len(frame):
         raise ProtocolError("SET_PACKED key length runs past the frame")
     return frame[4:4 + n], frame[4 + n:]
+
+
+_encode_keys = operator.methodcaller("encode", "utf-8", "surrogatepass")
+_decode_keys = operator.methodcaller("decode", "utf-8", "surrogatepass")
+
+
+def keys_bytes(keys: Iterable[str]) -> list[bytes]:
+    """:func:`key_bytes` of many keys, at C speed."""
+    return list(map(_encode_keys, keys))
+
+
+def keys_str(frames: Iterable[bytes]) -> list[str]:
+    """:func:`key_str` of many small frames, at C speed. Raises ProtocolError."""
+    try:
+        return list(map(_decode_keys, frames))
+    except (UnicodeDecodeError, AttributeError, TypeError):
+        raise ProtocolError("keys must be small UTF-8 frames") from None
 
 
 def key_bytes(key: str) -> bytes:
