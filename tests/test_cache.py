@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -220,8 +221,7 @@ def _owner(ready: Any) -> None:
     kv = zkv.serve()
     kv["c.x"] = 1
     ready.put(kv.endpoint)
-    while True:
-        time.sleep(1)
+    threading.Event().wait()  # serve until killed
 
 
 class TestOwnerDeath:

@@ -75,7 +75,7 @@ class IpcWatch:
         return OwnerGoneError(f"the zkv owner (pid {owner_pid}) at {address} is gone")
 
     def close(self, linger: float) -> None:
-        pass
+        """Nothing to close: the ipc check uses no socket of its own."""
 
 
 _CLIENT_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
