@@ -55,8 +55,6 @@ log = logging.getLogger("zkv.client")
 
 _SLICE = 0.1  # seconds between owner-liveness checks while a request waits
 _LARGE = 64 * 1024
-_NOBLOCK = int(zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)
 
 
 class IpcWatch:
@@ -273,7 +271,7 @@ class Connection:
     def _check_size(self, frames: Sequence[Frame]) -> None:
         # Even one frame over the limit must be caught here: the owner's ZeroMQ would drop the
         # connection without a word, and the caller would wait for its timeout.
-        if len(frames) > 1 or (frames and len(frames[0]) > min(_LARGE, self.max_message_size)):
+        if len(frames) > 1 or (frames and len(frames[0]) > min(_LARGE, self.max_message_size - 64)):
             size = codec.frames_size(frames)
             if size > self.max_message_size:
                 raise MessageTooLargeError(
@@ -301,8 +299,7 @@ class Connection:
             sock = local.sock
         except AttributeError:
             sock = self._socket()
-        if len(frames) != 1 or len(frames[0]) > self.max_message_size - 64:
-            self._check_size(frames)  # (one small frame, the usual request, is surely fine)
+        self._check_size(frames)
         rid = local.rid = (local.rid + 1) & 0xFFFFFFFF
         if timeout is None:
             timeout = self.options.timeout
@@ -317,20 +314,12 @@ class Connection:
 
     def _exchange(self, sock: zmq.Socket[Any], rid: int, op: int, frames: Sequence[Frame],
                   deadline: float, timeout: float) -> tuple[int, list[Any], int, int]:
-        message = wire.request(rid, op, frames)
-        try:  # the usual request: one small frame, and room in the queue
-            if len(message) != 1 or len(message[0]) >= _LARGE:
-                raise zmq.Again
-            sock.send(message[0], _NOBLOCK)
-        except zmq.Again:
-            self._send(sock, message, deadline)
+        self._send(sock, wire.request(rid, op, frames), deadline)
         while True:
             try:
                 # Blocks at most _SLICE (the socket's RCVTIMEO). Copying costs nothing more:
                 # every value is copied once when it is unpickled anyway.
-                reply = [sock.recv()]
-                while sock.get(_RCVMORE):
-                    reply.append(sock.recv())
+                reply = wire.recv_message(sock)
             except zmq.Again:
                 self._check_owner()
                 if time.monotonic() >= deadline:
@@ -381,9 +370,6 @@ class Connection:
     @property
     def lost(self) -> bool:
         return self._lost
-
-    def mark_lost(self) -> None:
-        self._lost = True
 
     # -- lifecycle -------------------------------------------------------------------------------
 

@@ -37,7 +37,6 @@ class LocalCore:
         self.endpoint = self.server.endpoint
         self.pub_address = self.server.inproc_pub
         self.context: zmq.Context[Any] = self.server._ctx
-        self.lost = False
 
     # -- reads -----------------------------------------------------------------------------------
 

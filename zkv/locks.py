@@ -127,12 +127,6 @@ class LockTable:
                 out.update(w.session for w in queue)
             return out
 
-    def holder(self, name: str) -> bytes | None:
-        """The session holding ``name``, if any."""
-        with self._mutex:
-            held = self._held.get(name)
-            return held[0] if held else None
-
 
 class LockBackend(Protocol):
     """What a :class:`Lock` needs from a store's core."""

@@ -59,10 +59,6 @@ class RemoteCore:
         self.context: zmq.Context[Any] = self.conn.context
         self._cache: ReadCache | None = None
 
-    @property
-    def lost(self) -> bool:
-        return self.conn.lost
-
     def expect_probe(self, probe: bytes) -> None:
         """Tell the owner that a subscriber of this process waits for the welcome of
         ``probe`` (one-way: the owner then watches for its subscription)."""
@@ -168,23 +164,13 @@ class RemoteCore:
         status, reply, _before, _after = self.conn.request_versioned(
             Op.GET, [key.encode("utf-8", "surrogatepass")])
         if status == Status.OK:
-            if len(reply) == 1:  # one pickle: the usual value
-                try:
-                    return pickle.loads(reply[0])
-                except Exception:
-                    pass  # codec.loads says why, as a DecodeError
             return codec.loads(reply)
         if status == Status.NONE:
             return default
         raise wire.decode_error(reply)
 
     def set(self, key: str, value: Any) -> None:
-        op, frames, _decode, _writes = self._set(key, value)
-        status, reply, _before, after = self.conn.request_versioned(op, frames)
-        if self._cache is not None:
-            self._cache.written([key], after)
-        if status == Status.ERROR:
-            raise wire.decode_error(reply)
+        self._call(self._set(key, value))
 
     def delete(self, key: str) -> bool:
         return bool(self._call(self._delete(key)))

@@ -53,7 +53,6 @@ _PROBE_MEMORY = 10.0  # seconds an announced probe is awaited, and an answered o
 _WAKE_ID = b"\x00zkv-wake"  # routing id of the owner threads' wake socket (clients use 12 bytes)
 _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
-_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 
 Reply = tuple[int, list[Frame]] | None
@@ -441,11 +440,7 @@ class Server:
                before: int) -> None:
         message = wire.reply(rid, status, before, self.state.version, out)
         try:
-            if len(message) == 1 and len(message[0]) < _LARGE:  # the usual reply: one frame
-                self._router.send(routing_id, _SNDMORE_NOBLOCK)
-                self._router.send(message[0], _NOBLOCK)
-            else:
-                send_frames(self._router, [routing_id, *message])
+            send_frames(self._router, [routing_id, *message])
         except zmq.ZMQError as exc:  # peer gone: its request dies with it
             log.debug("reply to %r dropped: %s", routing_id, exc)
 
@@ -719,7 +714,7 @@ class Server:
                 if entry is None:
                     counts.append(-1)
                     continue
-                frames = entry.frames or entry.wire()
+                frames = entry.wire()
                 counts.append(len(frames))
                 out.extend(frames)
         return Status.OK, [counts.tobytes(), *wire.pack_frames(out)]

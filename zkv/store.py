@@ -47,7 +47,6 @@ class _Closed:
     """Stands in for the core of a closed store: every use raises StoreClosedError."""
 
     is_owner = False
-    lost = False
 
     def __getattr__(self, name: str) -> Any:
         raise StoreClosedError("this zkv store is closed")

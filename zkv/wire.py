@@ -419,10 +419,10 @@ def send_frames(sock: zmq.Socket[Any], frames: Sequence[Frame], noblock: bool = 
     arithmetic, which costs more than the send itself for small frames). Large frames go
     without copying. Raises zmq.Again if the queue is full and ``noblock``."""
     flags = _NOBLOCK if noblock else 0
-    last = len(frames) - 1
-    for i, frame in enumerate(frames):
-        small = type(frame) is bytes and len(frame) < _MERGE_LIMIT
-        sock.send(frame, flags | _SNDMORE if i < last else flags, copy=small)
+    *head, last = frames
+    for frame in head:
+        sock.send(frame, flags | _SNDMORE, copy=type(frame) is bytes and len(frame) < _MERGE_LIMIT)
+    sock.send(last, flags, copy=type(last) is bytes and len(last) < _MERGE_LIMIT)
 
 
 _RCVMORE = int(zmq.RCVMORE)
