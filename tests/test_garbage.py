@@ -12,6 +12,7 @@ import pickle
 import random
 import socket
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +27,16 @@ from zkv.testing import wait_for
 from zkv.wire import Op, Status
 
 BARRIER_RID = 0xFFFF_FFF0
+
+
+class _Touch:
+    """Unpickling it creates a file (through ``pathlib.Path.touch``): proof that code ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (Path(self.path),))
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -309,6 +320,21 @@ class TestWellFramedButWrong:
         with pytest.raises(zkv.DecodeError):
             client.modify("junk", repr)  # fails in the owner, changes nothing
         client.delete("junk")
+
+    def test_set_plain_never_runs_code(self, kv: zkv.Store, client: zkv.Store,
+                                       ctx: zmq.Context[Any], tmp_path: Path) -> None:
+        # SET_PLAIN values are unpickled by the owner, by an unpickler that loads no global:
+        # a pickle that would call a function is refused before it runs, and nothing is set.
+        marker = tmp_path / "ran"
+        evil = pickle.dumps([_Touch(str(marker))])
+        for values in (evil, b"\x80\x05junk", pickle.dumps({"a": 1}), pickle.dumps([1, 2]),
+                       pickle.dumps([[1]])):
+            exc = error_of(request(ctx, kv.endpoint, [head(Op.SET_PLAIN), b"a", values]))
+            assert isinstance(exc, zkv.ProtocolError) and "SET_PLAIN" in str(exc)
+        assert not marker.exists()
+        assert "a" not in client
+        exc = error_of(request(ctx, kv.endpoint, [head(Op.SET_PLAIN), b"\xff", pickle.dumps([1])]))
+        assert isinstance(exc, zkv.ProtocolError)
 
     @pytest.mark.parametrize("counts", [[1, 5], [2], [0, 0], [4, 0]])
     def test_pipeline_index_that_lies(self, kv: zkv.Store, client: zkv.Store,

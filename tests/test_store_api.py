@@ -261,6 +261,34 @@ class TestBatches:
         assert torn == []
 
 
+    PLAIN = {"s": "text", "": "empty key", "surrogate \udc80": "\udc81", "n": None,
+             "t": True, "f": False, "i": -7, "big": 3 ** 200, "x": 1.5, "inf": float("inf"),
+             "b": b"\x00\xff" * 10}
+
+    @pytest.mark.parametrize("extra", [
+        {}, {"nul\0key": 1}, {"large": b"L" * (1 << 17)}, {"list": [1, 2]},
+        {"c": 1 + 2j}, {"sub": type("Str", (str,), {})("subclass")}],
+        ids=["plain", "nul-key", "large-bytes", "list", "complex", "str-subclass"])
+    def test_batches_keep_every_value_and_type(self, kv: zkv.Store, side: zkv.Store,
+                                               extra: dict[str, Any]) -> None:
+        """Plain values travel as one pickle (and non-plain ones, or keys holding NUL, the
+        general way): either way each key gets its value back, with its exact type, whoever
+        reads it."""
+        items = {**self.PLAIN, **extra}
+        side.set_many(items)
+        client = zkv.connect(kv.endpoint)
+        try:
+            for reader in (side, kv, client):
+                got = reader.get_many([*items, "absent"])
+                assert got == items
+                assert {k: type(v) for k, v in got.items()} == \
+                    {k: type(v) for k, v in items.items()}
+                assert all(reader.get(key) == value for key, value in items.items())
+        finally:
+            client.close()
+        side.set_many({})  # nothing to send
+        assert side.get_many([]) == {}
+
 class TestLocks:
     """lock(name, timeout): a cross-process mutual exclusion."""
 

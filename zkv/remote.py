@@ -218,12 +218,20 @@ class RemoteCore:
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         keys = list(keys)
-        if any(len(key) >= _LONG_KEY for key in keys):  # keys too long to pack: a pipeline
+        if not keys:
+            return {}
+        joined = wire.join_keys(keys)
+        if joined is None and any(len(key) >= _LONG_KEY for key in keys):  # too long to pack
             values = self.execute([("get", (key, MISSING)) for key in keys])
             return {key: value for key, value in zip(keys, values, strict=True)
                     if value is not MISSING}
 
         def decode(status: int, frames: list[Any]) -> dict[str, Any]:
+            if len(frames) == 2 and frames[0] == wire.PLAIN_VALUES:  # one pickle of them all
+                values = pickle.loads(frames[1])
+                if type(values) is not list or len(values) != len(keys):
+                    raise ProtocolError("get_many reply does not match the request")
+                return dict(zip(keys, values, strict=True))
             counts = array("i")
             counts.frombytes(frames[0])
             values = wire.unpack_frames(frames[1:])
@@ -247,11 +255,18 @@ class RemoteCore:
                     out[key] = codec.loads(values[at:at + n])
                 at += max(n, 0)
             return out
-        frames = wire.pack_frames(wire.keys_bytes(keys))
+        frames: list[Frame] = [joined] if joined is not None \
+            else wire.pack_frames(wire.keys_bytes(keys))
         return self._call((Op.GET_MANY, frames, decode, None))  # type: ignore[no-any-return]
 
     def set_many(self, items: list[tuple[str, Any]]) -> None:
         keys = [key for key, _value in items]
+        joined = wire.join_keys(keys)
+        if joined is not None:  # plain values (the usual batch): one pickle, no frame per key
+            plain = codec.dumps_plain([value for _key, value in items])
+            if plain is not None:
+                self._call((Op.SET_PLAIN, [joined, plain], _ok, keys))
+                return
         if any(len(key) >= _LONG_KEY for key in keys):  # keys too long to pack: a pipeline
             self.execute([("set", item) for item in items])
             return

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import operator
 import os
 import secrets
 import socket
@@ -30,7 +31,7 @@ import zmq
 from . import auth, codec, endpoint, wire
 from .codec import Frame
 from .config import Options
-from .errors import EncodeError, ProtocolError, ZkvTimeoutError
+from .errors import DecodeError, EncodeError, ProtocolError, ZkvTimeoutError
 from .locks import LockTable
 from .state import DELETE, Entry, State
 from .wire import Kind, Op, Status, send_frames
@@ -54,6 +55,7 @@ _WAKE_ID = b"\x00zkv-wake"  # routing id of the owner threads' wake socket (clie
 _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
+_entry_obj = operator.attrgetter("obj")
 
 Reply = tuple[int, list[Frame]] | None
 Handler = Callable[[bytes, bytes, int, list[Any]], Reply]
@@ -211,6 +213,7 @@ class Server:
             Op.PROBE: self._probe,
             Op.GET_MANY: self._get_many,
             Op.SET_MANY: self._set_many,
+            Op.SET_PLAIN: self._set_plain,
             Op.SET_PACKED: self._set_packed,
         }
 
@@ -704,19 +707,26 @@ class Server:
         return Status.OK, [out_index.tobytes(), *wire.pack_frames(out)]
 
     def _get_many(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
-        """``[*packed keys]`` -> ``[counts: i32 per key (-1 missing), *packed value frames]``,
-        read atomically."""
-        names = wire.keys_str(wire.unpack_frames(args))
+        """``[keys joined by NUL]`` or ``[*packed keys]`` -> ``[counts: i32 per key (-1
+        missing), *packed value frames]``, read atomically; or ``[PLAIN_VALUES, one pickle of
+        the list of values]`` when every key is there with a plain value kept as an object."""
+        names = wire.split_keys(args[0]) if len(args) == 1 \
+            else wire.keys_str(wire.unpack_frames(args))
+        with self.state.lock:
+            entries = list(map(self.state.data.get, names))
+        if None not in entries:
+            plain = codec.dumps_plain(list(map(_entry_obj, entries)))
+            if plain is not None:
+                return Status.OK, [wire.PLAIN_VALUES, plain]
         counts = array("i")
         out: list[Frame] = []
-        with self.state.lock:
-            for entry in list(map(self.state.data.get, names)):
-                if entry is None:
-                    counts.append(-1)
-                    continue
-                frames = entry.wire()
-                counts.append(len(frames))
-                out.extend(frames)
+        for entry in entries:
+            if entry is None:
+                counts.append(-1)
+                continue
+            frames = entry.wire()
+            counts.append(len(frames))
+            out.extend(frames)
         return Status.OK, [counts.tobytes(), *wire.pack_frames(out)]
 
     def _set_many(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
@@ -744,6 +754,20 @@ class Server:
                 entries.append(Entry.from_frames(values[at:at + n]))
                 at += n
         self.state.put_many(list(zip(names, entries, strict=True)))
+        return Status.OK, []
+
+    def _set_plain(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
+        """``[keys joined by NUL, one pickle of the list of plain values]``, applied as one
+        atomic step. The owner keeps the values as objects (they are immutable) and pickles
+        each one only when a client reads it."""
+        if len(args) != 2:
+            raise ProtocolError("SET_PLAIN needs the joined keys and the values")
+        names = wire.split_keys(args[0])
+        try:
+            values = codec.loads_plain(args[1], len(names))
+        except DecodeError as exc:
+            raise ProtocolError(f"SET_PLAIN: {exc}") from None
+        self.state.put_many(list(zip(names, Entry.many_from_objects(values), strict=True)))
         return Status.OK, []
 
     def _get_all(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:

@@ -93,6 +93,11 @@ class Entry:
         noobj = _NOOBJ
         return [cls(noobj, [value]) for value in values]
 
+    @classmethod
+    def many_from_objects(cls, values: list[Any]) -> list[Entry]:
+        """Entries for many immutable values (plain data), kept as objects."""
+        return [cls(value, None) for value in values]
+
     def load(self) -> Any:
         """The value as an object: the kept object, or a fresh unpickled copy."""
         obj = self.obj
