@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import socket
+import stat
 import threading
 import time
 import weakref
@@ -34,7 +35,7 @@ from typing import Any
 
 import zmq
 
-from . import auth, codec, endpoint, wire
+from . import auth, blobs, codec, endpoint, wire
 from .codec import Frame
 from .config import Options
 from .errors import (
@@ -55,6 +56,23 @@ log = logging.getLogger("zkv.client")
 
 _SLICE = 0.1  # seconds between owner-liveness checks while a request waits
 _LARGE = 64 * 1024
+
+
+_GET = int(Op.GET)
+_GET_MANY = int(Op.GET_MANY)
+
+
+def _private_dir(path: Any) -> str | None:
+    """``path`` if it is a directory of this user that nobody else can open, else None."""
+    if not isinstance(path, str):
+        return None
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return None
+    return path
 
 
 class IpcWatch:
@@ -185,6 +203,10 @@ class Connection:
         self._closed = False
         self._lost = False
         self._busy: set[int] = set()  # threads inside request()
+        #: The owner's blob directory, when this process can use it (see zkv.blobs); None
+        #: until HELLO has been answered (so HELLO itself never goes by file).
+        self.blob_dir: str | None = None
+        self.blob_threshold = 0
         self.max_message_size = options.max_message_size
         codec.register_main_by_value()
         try:
@@ -213,6 +235,8 @@ class Connection:
         self.pub_address: str = self.endpoint.pub_address(info["pub"])
         self.max_message_size = int(info.get("max_message_size", options.max_message_size))
         self.hwm = int(info.get("hwm", options.hwm))
+        self.blob_dir = _private_dir(info.get("blobs"))
+        self.blob_threshold = int(info.get("blob_threshold", 0) or 0)
 
     @property
     def context(self) -> zmq.Context[Any]:
@@ -288,10 +312,13 @@ class Connection:
         status, reply, _before, _after = self.request_versioned(op, frames, timeout)
         return status, reply
 
-    def request_versioned(self, op: int, frames: Sequence[Frame], timeout: float | None = None
-                          ) -> tuple[int, list[Any], int, int]:
+    def request_versioned(self, op: int, frames: Sequence[Frame], timeout: float | None = None,
+                          named: bool = True) -> tuple[int, list[Any], int, int]:
         """Like :meth:`request`, also returning the store's change counter just before and
-        just after the owner applied the request (see :mod:`zkv.wire`)."""
+        just after the owner applied the request (see :mod:`zkv.wire`).
+
+        With a blob directory, large frames of the request go by file, and (unless
+        ``named`` is false) a read's reply may name files that hold large frames."""
         if self._lost:
             raise OwnerGoneError(f"the zkv owner at {self.address} is gone")
         local = self._local
@@ -300,6 +327,16 @@ class Connection:
         except AttributeError:
             sock = self._socket()
         self._check_size(frames)
+        blob_dir = self.blob_dir
+        if blob_dir is not None:
+            if op == _GET or op == _GET_MANY:
+                if named:
+                    op |= wire.REFS
+            elif len(frames) > 1 or (frames and len(frames[0]) >= self.blob_threshold):
+                spilled = blobs.spill(blob_dir, frames, self.blob_threshold)
+                if spilled is not None:
+                    frames = spilled
+                    op |= wire.SPILLED
         rid = local.rid = (local.rid + 1) & 0xFFFFFFFF
         if timeout is None:
             timeout = self.options.timeout
@@ -308,9 +345,18 @@ class Connection:
         busy = self._busy
         busy.add(me)
         try:
-            return self._exchange(sock, rid, op, frames, deadline, timeout)
+            status, results, before, after = self._exchange(sock, rid, op, frames, deadline,
+                                                             timeout)
         finally:
             busy.discard(me)
+        if status & wire.SPILLED:
+            assert blob_dir is not None
+            try:
+                results = blobs.read_spilled(blob_dir, results)
+            except (OSError, ValueError):  # a file gone: overwritten since; ask for the bytes
+                return self.request_versioned(op & wire.OP_MASK, frames, timeout, named=False)
+            status &= ~wire.SPILLED
+        return status, results, before, after
 
     def _exchange(self, sock: zmq.Socket[Any], rid: int, op: int, frames: Sequence[Frame],
                   deadline: float, timeout: float) -> tuple[int, list[Any], int, int]:
@@ -324,8 +370,9 @@ class Connection:
                 self._check_owner()
                 if time.monotonic() >= deadline:
                     raise ZkvTimeoutError(
-                        f"no reply from the zkv owner within {timeout}s ({Op(op).name}); "
-                        "the timeout is settable per store (timeout=...) or with ZKV_TIMEOUT"
+                        f"no reply from the zkv owner within {timeout}s "
+                        f"({Op(op & wire.OP_MASK).name}); the timeout is settable per store "
+                        "(timeout=...) or with ZKV_TIMEOUT"
                     ) from None
                 continue
             try:
@@ -344,6 +391,11 @@ class Connection:
             raise OwnerGoneError(f"the zkv owner at {self.address} is gone")
         sock = self._socket()
         self._check_size(frames)
+        if self.blob_dir is not None and len(frames) > 1:
+            spilled = blobs.spill(self.blob_dir, frames, self.blob_threshold)
+            if spilled is not None:
+                frames = spilled
+                op |= wire.SPILLED
         deadline = time.monotonic() + self.options.timeout
         self._send(sock, wire.request(0, op, frames), deadline)
 

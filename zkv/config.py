@@ -18,6 +18,11 @@ option                environment variable      default  meaning
                                                          heartbeats; a peer silent 3 times as
                                                          long is disconnected (owner: its session
                                                          ends; client: OwnerGoneError)
+``blob_threshold``    ``ZKV_BLOB_THRESHOLD``    1 MiB    ipc only, set in the owner: frames of at
+                                                         least this many bytes go between
+                                                         processes through files in ``/dev/shm``
+                                                         (:mod:`zkv.blobs`); 0 sends everything
+                                                         through the sockets
 ====================  ========================  =======  ==========================================
 
 Keyword arguments win over environment variables, which win over the defaults.
@@ -41,6 +46,7 @@ _ENV = {
     "linger": "ZKV_LINGER",
     "keys": "ZKV_KEYS",
     "heartbeat": "ZKV_HEARTBEAT",
+    "blob_threshold": "ZKV_BLOB_THRESHOLD",
 }
 _FLOATS = ("timeout", "linger", "heartbeat")
 
@@ -55,6 +61,7 @@ class Options:
     linger: float = 1.0
     keys: KeysOption = None
     heartbeat: float = 1.0
+    blob_threshold: int = 1 << 20
 
     def __post_init__(self) -> None:
         for name in ("timeout", "linger"):
@@ -70,6 +77,9 @@ class Options:
         if not isinstance(self.keys, (str, os.PathLike, OwnerKeys, ClientKeys, type(None))):
             raise TypeError(f"keys must be a directory made by `zkv keygen`, OwnerKeys or "
                             f"ClientKeys, not {type(self.keys).__name__}")
+        value = self.blob_threshold
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"blob_threshold must be an int >= 0 (bytes; 0: off), not {value!r}")
         beat = self.heartbeat
         if isinstance(beat, bool) or not isinstance(beat, (int, float)) or not 0.01 <= beat <= 600:
             raise ValueError(f"heartbeat must be a number of seconds in [0.01, 600], not {beat!r}")

@@ -36,12 +36,14 @@ __all__ = [
     "ENV_VAR",
     "Endpoint",
     "discover",
+    "ensure_private_dir",
     "find_ancestor_owner",
     "make_ipc_dir",
     "parse",
     "pid_alive",
     "remove_ipc_dir",
     "runtime_dir",
+    "sweep_stale",
 ]
 
 #: The environment variable through which an owner announces its endpoint to its children.
@@ -135,14 +137,16 @@ def runtime_dir() -> Path:
         if len(str(base)) + 1 + 20 + 10 > _MAX_SOCKET_PATH:
             continue
         try:
-            _ensure_private_dir(base)
+            ensure_private_dir(base)
         except FileNotFoundError:
             continue
         return base
     raise OSError("no runtime directory short enough for unix socket paths; set ZKV_RUNTIME_DIR")
 
 
-def _ensure_private_dir(path: Path) -> None:
+def ensure_private_dir(path: Path) -> None:
+    """Create ``path`` (mode 0700) if missing; raise PermissionError unless it is a directory
+    of this user that nobody else can open."""
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)
     info = path.lstat()
@@ -161,7 +165,7 @@ def make_ipc_dir() -> tuple[Path, str, str]:
     """Create this owner's private directory. Returns it, the request address and the publish
     address. Stale directories of owners that died without cleaning up are removed first."""
     base = runtime_dir()
-    _sweep_stale(base)
+    sweep_stale(base)
     directory = base / f"{os.getpid()}-{secrets.token_hex(4)}"
     directory.mkdir(mode=0o700)
     return directory, f"ipc://{directory / _REQ_NAME}", f"ipc://{directory / _PUB_NAME}"
@@ -172,7 +176,8 @@ def remove_ipc_dir(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _sweep_stale(base: Path) -> None:
+def sweep_stale(base: Path) -> None:
+    """Remove the directories under ``base`` named ``<pid>-...`` whose owner process is gone."""
     try:
         entries = list(base.iterdir())
     except OSError:

@@ -28,7 +28,7 @@ from typing import Any
 
 import zmq
 
-from . import auth, codec, endpoint, wire
+from . import auth, blobs, codec, endpoint, wire
 from .codec import Frame
 from .config import Options
 from .errors import DecodeError, EncodeError, ProtocolError, ZkvTimeoutError
@@ -106,6 +106,7 @@ class Server:
         self._ctx = zmq.Context(io_threads=1)
         self._ctx.setsockopt(zmq.LINGER, 0)
         self.directory: Path | None = None
+        self._blobs: blobs.BlobDir | None = None  # ipc only: large frames go by file
         self._router = self._ctx.socket(zmq.ROUTER)
         self._xpub = self._ctx.socket(zmq.XPUB)
         self._router.setsockopt(zmq.MAXMSGSIZE, options.max_message_size)
@@ -130,6 +131,7 @@ class Server:
         try:
             if bind is None:
                 self.directory, self.endpoint, pub = endpoint.make_ipc_dir()
+                self._blobs = blobs.BlobDir.create(self.directory.name, options.blob_threshold)
                 self._router.bind(self.endpoint)
                 self._xpub.bind(pub)
                 self.pub_announce = pub
@@ -156,6 +158,8 @@ class Server:
             self._ctx.term()
             if self.directory is not None:
                 endpoint.remove_ipc_dir(self.directory)
+            if self._blobs is not None:
+                self._blobs.close()
             raise
         # Owner threads wake the poller with an empty message on this inproc DEALER (under a
         # lock: any thread may use it), so that the poller can block in a plain recv on its
@@ -252,6 +256,8 @@ class Server:
             self._thread.join(timeout=self.options.linger + 5)
         if self.directory is not None:
             endpoint.remove_ipc_dir(self.directory)
+        if self._blobs is not None:
+            self._blobs.close()  # the owner's own reads of stored blobs keep working
 
     # -- hand-off from the owner's own threads ---------------------------------------------------
 
@@ -357,6 +363,8 @@ class Server:
         """Housekeeping, every ``_TICK``: (un)subscriptions that arrived while the poller was
         blocked in recv, lock deadlines, old probes, and now and then dead sessions."""
         self._ticks += 1
+        if self._blobs is not None and (self._blobs.dead or self._blobs.pooled):
+            self._blobs.sweep(now)  # free files of dropped values; expire unused free ones
         if self._ticks % _LIVENESS_EVERY == 0:
             self._check_sessions()
         self.locks.expire(now)
@@ -420,6 +428,21 @@ class Server:
         except ProtocolError as exc:
             self._refuse(str(exc))
             return
+        refs = False
+        if op & _FLAGS:
+            refs = bool(op & wire.REFS) and op & wire.OP_MASK in _NAMED_REPLIES
+            if op & wire.SPILLED:
+                try:
+                    if self._blobs is None:
+                        raise ProtocolError("this owner has no blob directory")
+                    args = self._blobs.resolve(args)
+                except ProtocolError as exc:
+                    self._refuse(str(exc))
+                    if op & wire.OP_MASK not in _ONE_WAY:
+                        self._reply(routing_id, rid, Status.ERROR, wire.encode_error(exc),
+                                    self.state.version)
+                    return
+            op &= wire.OP_MASK
         handler = self._handlers.get(op)
         session = routing_id[:8]
         before = self.state.version
@@ -437,10 +460,17 @@ class Server:
                 return
             result = (Status.ERROR, wire.encode_error(exc))
         if result is not None:
-            self._reply(routing_id, rid, result[0], result[1], before)
+            self._reply(routing_id, rid, result[0], result[1], before, refs)
+        if self._blobs is not None and self._blobs.dead:
+            self._blobs.sweep()  # after the reply: the client goes on meanwhile
 
     def _reply(self, routing_id: bytes, rid: int, status: int, out: list[Frame],
-               before: int) -> None:
+               before: int, refs: bool = False) -> None:
+        if refs:  # the client reads large stored frames from their files
+            named = blobs.name_blobs(out)
+            if named is not None:
+                out = named
+                status |= wire.SPILLED
         message = wire.reply(rid, status, before, self.state.version, out)
         try:
             send_frames(self._router, [routing_id, *message])
@@ -644,13 +674,21 @@ class Server:
             "max_message_size": self.options.max_message_size,
             "hwm": self.options.hwm,
         }
+        if local and self._blobs is not None:
+            reply["blobs"] = str(self._blobs.path)
+            reply["blob_threshold"] = self._blobs.threshold
         return Status.OK, [wire.encode_json(reply)]
 
     def _get(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         entry = self.state.data.get(_key(args, "GET"))
         if entry is None:
             return Status.NONE, []
-        return Status.OK, entry.wire()
+        frames = entry.wire()
+        if len(frames) > 1 and self._blobs is not None and type(frames[-1]) is not blobs.Blob \
+                and blobs.frame_size(frames[-1]) >= self._blobs.threshold:
+            # A large value set in the owner: written to a file once, read from it from now on.
+            entry.frames = frames = self._blobs.store(frames)
+        return Status.OK, frames
 
     def _set(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         if len(args) < 2:
@@ -898,7 +936,14 @@ class Server:
             "refused_auth": (0 if self._auth is None
                              else self._auth.refused + self.handshake_failures),
             "pid": os.getpid(),
+            **(self._blobs.counts() if self._blobs is not None
+               else {"blob_files": 0, "blob_free": 0}),
         }
+
+    @property
+    def blob_dir(self) -> Path | None:
+        """The directory through which large frames travel (ipc owners; see zkv.blobs)."""
+        return None if self._blobs is None else self._blobs.path
 
     def _stats(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         return Status.OK, [wire.encode_json(self.stats())]
@@ -947,6 +992,10 @@ _SEQ = struct.Struct("<Q")
 
 
 _ONE_WAY = frozenset({Op.PUBLISH, Op.BYE, Op.PROBE})
+_FLAGS = wire.SPILLED | wire.REFS
+#: Requests whose replies may name blob files: reads, which the client can simply repeat if a
+#: file is gone by the time it looks (the value was overwritten in between).
+_NAMED_REPLIES = frozenset({Op.GET, Op.GET_MANY})
 
 
 def _key(args: list[Any], what: str) -> str:

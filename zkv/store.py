@@ -411,7 +411,9 @@ class Store(MutableMapping[str, Any]):
         """The owner's counters: ``keys``, ``version`` (changes applied so far), ``sessions``
         (connected client processes), ``topics`` (topics with at least one live subscriber, in
         any process; ``subscriptions`` is the same number), ``locks`` (sessions holding or
-        waiting for locks), ``refused`` (malformed messages dropped) and the owner's ``pid``."""
+        waiting for locks), ``refused`` (malformed messages dropped), the owner's ``pid``, and
+        ``blob_files``/``blob_free``: files in ``/dev/shm`` that hold large values, and free
+        ones kept a few seconds for reuse (see docs/guide.md, "Large values")."""
         return self._core.stats()  # type: ignore[no-any-return]
 
     # -- lifecycle -------------------------------------------------------------------------------

@@ -59,8 +59,11 @@ from .codec import Frame
 from .errors import ProtocolError, RemoteError
 
 __all__ = [
+    "OP_MASK",
     "PLAIN_VALUES",
     "PROTOCOL_VERSION",
+    "REFS",
+    "SPILLED",
     "Op",
     "Status",
     "decode_error",
@@ -79,6 +82,7 @@ __all__ = [
     "pack_meta",
     "pack_reply",
     "pack_sections",
+    "pack_spill",
     "pack_welcome",
     "parse_welcome",
     "probe_topics",
@@ -94,6 +98,7 @@ __all__ = [
     "unpack_meta",
     "unpack_reply",
     "unpack_sections",
+    "unpack_spill",
 ]
 
 PROTOCOL_VERSION = 1
@@ -160,6 +165,32 @@ class Kind(enum.IntEnum):
 #: the header frame, after the header. One frame less each way: every frame costs a few
 #: microseconds in libzmq and pyzmq, on both sides.
 MERGED = 0x80
+
+#: Flag in a request's op byte or a reply's status byte: the message's last frame is a spill
+#: index, naming the files (in the owner's blob directory, see :mod:`zkv.blobs`) that hold the
+#: frames at the positions it gives (each sent as an empty placeholder frame).
+SPILLED = 0x40
+#: Flag in a request's op byte: the client can read the owner's blob directory, so the reply
+#: (to GET or GET_MANY) may name files instead of carrying large frames.
+REFS = 0x20
+#: The op itself (operations are numbered below 0x20).
+OP_MASK = 0x1F
+
+_SPILL = struct.Struct("<IQ32s")  # position, size, file name
+
+
+def pack_spill(entries: Sequence[tuple[int, int, bytes]]) -> bytes:
+    """A spill index: ``(position, size, name)`` per frame sent as a file."""
+    return b"".join(_SPILL.pack(*entry) for entry in entries)
+
+
+def unpack_spill(frame: Frame) -> list[tuple[int, int, bytes]]:
+    """Inverse of :func:`pack_spill`. Raises ProtocolError."""
+    data = bytes(frame)
+    if not data or len(data) % _SPILL.size:
+        raise ProtocolError(f"bad spill index of {len(data)} bytes")
+    return list(_SPILL.iter_unpack(data))
+
 
 #: First frame of a GET_MANY reply whose second frame is one pickle of the list of values.
 PLAIN_VALUES = b"p"

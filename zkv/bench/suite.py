@@ -37,7 +37,8 @@ QUEUE = "mp.Queue"
 
 #: What each subject name in the table means.
 SUBJECTS = {
-    ZKV: "zkv: the owner is the benchmark's main process, the client a child process",
+    ZKV: "zkv: the owner is the benchmark's main process, the client a child process; "
+         "frames of 1 MiB or more go through files in /dev/shm",
     ECHO: "pyzmq DEALER -> ROUTER over ipc, server in its own process: one frame echoed "
           "(values stored and returned as frames, without copying)",
     PIPE: "multiprocessing.Pipe to a server process (pickled send/recv)",
