@@ -233,9 +233,9 @@ def new_name() -> bytes:
 
 
 def _claim(directory: str, size: int) -> tuple[int, str] | None:
-    """Take a free file for a frame of ``size`` bytes (the smallest that is large enough, else
-    the largest): rename it to a new name, which only one process can do. Returns its open
-    descriptor and path."""
+    """Take a free file for a frame of ``size`` bytes (the smallest that is large enough but
+    not twice as large, else the largest smaller one): rename it to a new name, which only one
+    process can do. Returns its open descriptor and path."""
     try:
         names = [n for n in os.listdir(directory) if n.startswith(_FREE)]
     except OSError:
@@ -247,8 +247,10 @@ def _claim(directory: str, size: int) -> tuple[int, str] | None:
         except (IndexError, ValueError):
             continue
     sized.sort()
-    big_enough = [item for item in sized if item[0] >= size]
-    for _free_size, free in (big_enough or sized[::-1])[:3]:
+    # Shrinking a much larger file would free more pages than writing them costs.
+    big_enough = [item for item in sized if size <= item[0] <= 2 * size]
+    smaller = [item for item in sized if item[0] < size][::-1]
+    for _free_size, free in (big_enough + smaller)[:3]:
         path = os.path.join(directory, new_name().decode())
         try:
             os.rename(os.path.join(directory, free), path)
