@@ -365,7 +365,7 @@ class Connection:
             try:
                 # Blocks at most _SLICE (the socket's RCVTIMEO). Copying costs nothing more:
                 # every value is copied once when it is unpickled anyway.
-                reply = wire.recv_message(sock)
+                reply = wire.recv_reply(sock)
             except zmq.Again:
                 self._check_owner()
                 if time.monotonic() >= deadline:

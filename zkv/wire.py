@@ -59,6 +59,7 @@ from .codec import Frame
 from .errors import ProtocolError, RemoteError
 
 __all__ = [
+    "MORE",
     "OP_MASK",
     "PLAIN_VALUES",
     "PROTOCOL_VERSION",
@@ -88,7 +89,9 @@ __all__ = [
     "probe_topics",
     "published",
     "recv_message",
+    "recv_reply",
     "recv_request",
+    "recv_rest",
     "send_frames",
     "split_keys",
     "split_published",
@@ -166,6 +169,13 @@ class Kind(enum.IntEnum):
 #: microseconds in libzmq and pyzmq, on both sides.
 MERGED = 0x80
 
+#: Flag in a reply's status byte: more frames follow the header frame. The client reads them
+#: only then, instead of asking ZeroMQ after every reply (a getsockopt costs about as much as
+#: the recv itself in pyzmq).
+MORE = 0x20
+
+_REPLY_STATUS = ~(MERGED | MORE)  # what parse_reply keeps of the status byte
+
 #: Flag in a request's op byte or a reply's status byte: the message's last frame is a spill
 #: index, naming the files (in the owner's blob directory, see :mod:`zkv.blobs`) that hold the
 #: frames at the positions it gives (each sent as an empty placeholder frame).
@@ -242,7 +252,7 @@ def unpack_reply(frame: Frame) -> tuple[int, int, int, int]:
         rid, status, before, after = _REPLY.unpack_from(frame)
     except struct.error:
         raise ProtocolError(f"bad reply header of {len(frame)} bytes") from None
-    return rid, status & ~MERGED, before, after
+    return rid, status & _REPLY_STATUS, before, after
 
 
 def reply(rid: int, status: int, before: int, after: int, out: Sequence[Frame]) -> list[Frame]:
@@ -250,8 +260,11 @@ def reply(rid: int, status: int, before: int, after: int, out: Sequence[Frame]) 
     if out:
         first = out[0]
         if type(first) is bytes and len(first) < _MERGE_LIMIT:
-            return [_REPLY.pack(rid, status | MERGED, before, after) + first, *out[1:]]
-    return [_REPLY.pack(rid, status, before, after), *out]
+            if len(out) == 1:  # the usual reply: one frame
+                return [_REPLY.pack(rid, status | MERGED, before, after) + first]
+            return [_REPLY.pack(rid, status | MERGED | MORE, before, after) + first, *out[1:]]
+        return [_REPLY.pack(rid, status | MORE, before, after), *out]
+    return [_REPLY.pack(rid, status, before, after)]
 
 
 def parse_reply(head: bytes, rest: list[Any]) -> tuple[int, int, int, int, list[Any]]:
@@ -261,10 +274,10 @@ def parse_reply(head: bytes, rest: list[Any]) -> tuple[int, int, int, int, list[
     except struct.error:
         raise ProtocolError(f"bad reply header of {len(head)} bytes") from None
     if status & MERGED:
-        return rid, status & ~MERGED, before, after, [head[_REPLY.size:], *rest]
+        return rid, status & _REPLY_STATUS, before, after, [head[_REPLY.size:], *rest]
     if len(head) != _REPLY.size:
         raise ProtocolError(f"bad reply header of {len(head)} bytes")
-    return rid, status, before, after, rest
+    return rid, status & _REPLY_STATUS, before, after, rest
 
 
 def pack_meta(seq: int, version: int, kind: int) -> bytes:
@@ -487,13 +500,34 @@ def recv_request(sock: zmq.Socket[Any], flags: int = 0) -> list[Any]:
     """Receive one request on a ROUTER: ``[routing_id, header, *args]``. The first two frames
     come as bytes; later frames as bytes when small, as ``zmq.Frame`` (not copied) when
     large. Cheaper than ``recv_multipart(copy=False)`` plus ``.bytes``. Raises zmq.Again."""
-    frames: list[Any] = [sock.recv(flags)]
+    frames: list[Any] = [sock.recv(flags)]  # the routing id: a message follows it
+    frames.append(sock.recv())
     if sock.get(_RCVMORE):
-        frames.append(sock.recv())
-        while sock.get(_RCVMORE):
+        while True:
             frame = sock.recv(copy=False)
             frames.append(frame.bytes if len(frame) < _MERGE_LIMIT else frame)
+            if not frame.more:
+                break
     return frames
+
+
+def recv_reply(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
+    """Receive one reply from the owner as bytes frames: the frames after the header only if
+    its ``MORE`` flag says there are some. Raises zmq.Again."""
+    head = sock.recv(flags)
+    if len(head) > 4 and head[4] & MORE:
+        return [head, *recv_rest(sock)]
+    return [head]
+
+
+def recv_rest(sock: zmq.Socket[Any]) -> list[bytes]:
+    """The remaining frames of a message whose first frame has been received."""
+    rest = []
+    while True:
+        frame = sock.recv(copy=False)
+        rest.append(frame.bytes)
+        if not frame.more:
+            return rest
 
 
 def recv_message(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
