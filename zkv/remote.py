@@ -31,6 +31,11 @@ Decode = Callable[[int, list[Any]], Any]
 Encoded = tuple[int, list[Frame], Decode, Any]
 ALL: Any = object()
 _PACK_LIMIT = 32 * 1024  # bytes: smaller values are sent in one frame with their key
+_GET = int(Op.GET)
+_SET_PACKED = int(Op.SET_PACKED)
+_OK = int(Status.OK)
+_NONE = int(Status.NONE)
+_ERROR = int(Status.ERROR)
 _LONG_KEY = 16 * 1024  # characters: a key this long may not fit a packed frame (64 KiB)
 
 
@@ -161,16 +166,30 @@ class RemoteCore:
         if cache is not None and cache.covers(key):
             return self._cached_get(cache, key, default)
         # _call(_get(...)) without the closure: the most frequent request of all.
-        status, reply, _before, _after = self.conn.request_versioned(
-            Op.GET, [key.encode("utf-8", "surrogatepass")])
-        if status == Status.OK:
+        status, reply, _before, _after = self.conn.request_small(
+            _GET, key.encode("utf-8", "surrogatepass"))
+        if status == _OK:
+            if len(reply) == 1:
+                try:
+                    return pickle.loads(reply[0])  # one pickle: the usual value
+                except Exception:
+                    pass  # codec.loads says what is wrong with it, or reads a raw value
             return codec.loads(reply)
-        if status == Status.NONE:
+        if status == _NONE:
             return default
         raise wire.decode_error(reply)
 
     def set(self, key: str, value: Any) -> None:
-        self._call(self._set(key, value))
+        encoded = self._set(key, value)
+        if encoded[0] is not Op.SET_PACKED:
+            self._call(encoded)
+            return
+        status, reply, _before, after = self.conn.request_small(
+            _SET_PACKED, encoded[1][0])  # type: ignore[arg-type]  # _set made it bytes
+        if self._cache is not None:
+            self._cache.written([key], after)
+        if status == _ERROR:
+            raise wire.decode_error(reply)
 
     def delete(self, key: str) -> bool:
         return bool(self._call(self._delete(key)))

@@ -64,6 +64,8 @@ __all__ = [
     "PLAIN_VALUES",
     "PROTOCOL_VERSION",
     "REFS",
+    "REPLY_HEADER",
+    "REQUEST_HEADER",
     "SPILLED",
     "Op",
     "Status",
@@ -106,8 +108,10 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 
-_HEADER = struct.Struct("<IB")
-_REPLY = struct.Struct("<IBQQ")
+#: The request header (rid u32, op u8) and the reply header (rid u32, status u8, before u64,
+#: after u64), for code that packs them itself on a hot path.
+REQUEST_HEADER = _HEADER = struct.Struct("<IB")
+REPLY_HEADER = _REPLY = struct.Struct("<IBQQ")
 _META = struct.Struct("<QQB")
 
 
