@@ -21,6 +21,7 @@ from store_helpers import call_in_child, owner_process, socket_dirs_of
 
 import zkv
 from zkv import endpoint as zkv_endpoint
+from zkv import wire
 
 QUICK = 5.0
 
@@ -168,7 +169,7 @@ class TestOwnerTouchesNoSocket:
         me = threading.get_ident()
         touched: list[str] = []
 
-        def forbid(cls: type, name: str) -> None:
+        def forbid(cls: Any, name: str) -> None:
             original = getattr(cls, name)
 
             def guarded(*args: Any, **kwargs: Any) -> Any:
@@ -181,6 +182,7 @@ class TestOwnerTouchesNoSocket:
         for name in ("send", "recv", "send_multipart", "recv_multipart", "poll",
                      "send_pyobj", "recv_pyobj", "connect", "bind"):
             forbid(zmq.Socket, name)
+        forbid(wire, "raw_send")  # zkv's own sends skip pyzmq's Python wrapper
         forbid(zmq.Context, "socket")
         forbid(zmq.Poller, "poll")
 
@@ -213,14 +215,15 @@ class TestOwnerTouchesNoSocket:
         try:
             client.get("warm")
             me = threading.get_ident()
-            for name in ("send", "send_multipart"):
-                original = getattr(zmq.Socket, name)
+            for owner, name in ((zmq.Socket, "send"), (zmq.Socket, "send_multipart"),
+                                (wire, "raw_send")):
+                original = getattr(owner, name)
 
                 def guarded(*args: Any, __original: Any = original, **kwargs: Any) -> Any:
                     if threading.get_ident() == me:
                         raise RuntimeError("socket used")
                     return __original(*args, **kwargs)
-                monkeypatch.setattr(zmq.Socket, name, guarded)
+                monkeypatch.setattr(owner, name, guarded)
             with pytest.raises(RuntimeError, match="socket used"):
                 client.get("warm")
         finally:

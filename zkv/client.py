@@ -395,7 +395,7 @@ class Connection:
         try:
             message = _pack_header(rid, op | self._small_flags[op == _GET]) + arg
             try:
-                sock.send(message, _NOBLOCK)
+                wire.raw_send(sock, message, _NOBLOCK)
             except zmq.Again:  # the owner is behind: wait for room, up to the timeout
                 self._send(sock, [message], time.monotonic() + self.options.timeout)
             try:
