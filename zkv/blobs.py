@@ -40,11 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from . import wire
-from .codec import Frame
+from .codec import Frame, frame_size
 from .endpoint import ensure_private_dir, sweep_stale
 from .errors import ProtocolError
 
-__all__ = ["SHM_ROOT", "Blob", "BlobDir", "frame_size", "name_blobs", "new_name", "read_blob",
+__all__ = ["SHM_ROOT", "Blob", "BlobDir", "name_blobs", "new_name", "read_blob",
            "read_spilled", "spill", "write_blob"]
 
 #: Where owners make their blob directories: RAM-backed on Linux.
@@ -372,6 +372,3 @@ def read_spilled(directory: str, frames: list[Any]) -> list[Any]:
     return out
 
 
-def frame_size(frame: Any) -> int:
-    """Bytes in a frame (a memoryview's ``len`` counts items, not bytes)."""
-    return frame.nbytes if isinstance(frame, memoryview) else len(frame)

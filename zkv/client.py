@@ -341,16 +341,12 @@ class Connection:
         except AttributeError:
             sock = self._socket()
         self._check_size(frames)
-        blob_dir = self.blob_dir
-        if blob_dir is not None:
+        if self.blob_dir is not None:
             if op == _GET or op == _GET_MANY:
                 if named:
                     op |= wire.REFS
-            elif len(frames) > 1 or (frames and len(frames[0]) >= self.blob_threshold):
-                spilled = blobs.spill(blob_dir, frames, self.blob_threshold)
-                if spilled is not None:
-                    frames = spilled
-                    op |= wire.SPILLED
+            else:
+                op, frames = self._spill(op, frames)
         rid = local.rid = (local.rid + 1) & 0xFFFFFFFF
         if timeout is None:
             timeout = self.options.timeout
@@ -463,13 +459,20 @@ class Connection:
             raise OwnerGoneError(f"the zkv owner at {self.address} is gone")
         sock = self._socket()
         self._check_size(frames)
-        if self.blob_dir is not None and len(frames) > 1:
-            spilled = blobs.spill(self.blob_dir, frames, self.blob_threshold)
-            if spilled is not None:
-                frames = spilled
-                op |= wire.SPILLED
+        if self.blob_dir is not None:
+            op, frames = self._spill(op, frames)
         deadline = time.monotonic() + self.options.timeout
         self._send(sock, wire.request(0, op, frames), deadline)
+
+    def _spill(self, op: int, frames: Sequence[Frame]) -> tuple[int, Sequence[Frame]]:
+        """``(op, frames)`` with the request's large frames sent by file (zkv.blobs), when
+        this process can use the owner's blob directory and some frame is that large."""
+        assert self.blob_dir is not None
+        if len(frames) > 1 or (frames and len(frames[0]) >= self.blob_threshold):
+            spilled = blobs.spill(self.blob_dir, frames, self.blob_threshold)
+            if spilled is not None:
+                return op | wire.SPILLED, spilled
+        return op, frames
 
     def _send(self, sock: zmq.Socket[Any], frames: list[Frame], deadline: float) -> None:
         while True:

@@ -30,7 +30,7 @@ import cloudpickle
 from .errors import DecodeError, EncodeError
 
 __all__ = ["IMMUTABLE_TYPES", "PLAIN_TYPES", "RAW_THRESHOLD", "Frame", "dumps", "dumps_many",
-           "dumps_plain", "frames_size", "loads", "loads_plain"]
+           "dumps_plain", "frame_size", "frames_size", "loads", "loads_plain"]
 
 #: Anything zkv can put in a frame: bytes, a memoryview, or a ``zmq.Frame``.
 Frame = bytes | memoryview | Any
@@ -179,9 +179,14 @@ def loads(frames: Sequence[Frame]) -> Any:
         raise DecodeError(f"cannot unpickle value: {type(exc).__name__}: {exc}") from exc
 
 
+def frame_size(frame: Frame) -> int:
+    """Bytes in a frame (a memoryview's ``len`` counts items, not bytes)."""
+    return frame.nbytes if isinstance(frame, memoryview) else len(frame)
+
+
 def frames_size(frames: Sequence[Frame]) -> int:
     """Total number of bytes in ``frames``."""
-    return sum(len(f) if not isinstance(f, memoryview) else f.nbytes for f in frames)
+    return sum(map(frame_size, frames))
 
 
 def _type_name(obj: object) -> str:

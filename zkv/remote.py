@@ -36,7 +36,6 @@ _SET_PACKED = int(Op.SET_PACKED)
 _OK = int(Status.OK)
 _NONE = int(Status.NONE)
 _ERROR = int(Status.ERROR)
-_SCALARS = frozenset({str, int, float, bool, type(None)})
 _LONG_KEY = 16 * 1024  # characters: a key this long may not fit a packed frame (64 KiB)
 
 
@@ -181,19 +180,12 @@ class RemoteCore:
         raise wire.decode_error(reply)
 
     def set(self, key: str, value: Any) -> None:
-        if type(value) in _SCALARS:  # the usual small value: pickled here, one call less
-            packed = wire.pack_key_value(key.encode("utf-8", "surrogatepass"),
-                                         pickle.dumps(value, 5))
-        else:
-            encoded = self._set(key, value)
-            if encoded[0] is not Op.SET_PACKED:
-                self._call(encoded)
-                return
-            packed = encoded[1][0]  # type: ignore[assignment]  # _set made it bytes
-        if len(packed) >= _PACK_LIMIT:  # a long str or key: the general way
-            self._call(self._set(key, value))
+        encoded = self._set(key, value)
+        if encoded[0] is not Op.SET_PACKED:
+            self._call(encoded)
             return
-        status, reply, _before, after = self.conn.request_small(_SET_PACKED, packed)
+        status, reply, _before, after = self.conn.request_small(
+            _SET_PACKED, encoded[1][0])  # type: ignore[arg-type]  # _set made it bytes
         if self._cache is not None:
             self._cache.written([key], after)
         if status == _ERROR:

@@ -685,7 +685,7 @@ class Server:
             return Status.NONE, []
         frames = entry.wire()
         if len(frames) > 1 and self._blobs is not None and type(frames[-1]) is not blobs.Blob \
-                and blobs.frame_size(frames[-1]) >= self._blobs.threshold:
+                and codec.frame_size(frames[-1]) >= self._blobs.threshold:
             # A large value set in the owner: written to a file once, read from it from now on.
             entry.frames = frames = self._blobs.store(frames)
         return Status.OK, frames
@@ -713,11 +713,7 @@ class Server:
         frame count)*, *packed frames]``; the operations run in order, as one atomic step."""
         if not args:
             raise ProtocolError("PIPELINE needs an index")
-        index = array("I")
-        try:
-            index.frombytes(bytes(args[0]))
-        except ValueError:
-            raise ProtocolError("bad pipeline index") from None
+        index = wire.read_index(args[0], "I", "pipeline index")
         flat = wire.unpack_frames(args[1:])
         if len(index) % 2 or sum(index[1::2]) != len(flat):
             raise ProtocolError("pipeline index does not match its frames")
@@ -779,11 +775,7 @@ class Server:
                 raise ProtocolError("SET_MANY has not one value per key")
             entries = Entry.many_from_frames(values)
         else:
-            counts = array("I")
-            try:
-                counts.frombytes(bytes(args[0]))
-            except ValueError:
-                raise ProtocolError("bad SET_MANY index") from None
+            counts = wire.read_index(args[0], "I", "SET_MANY index")
             if len(counts) != len(names) or sum(counts) != len(values) or 0 in counts:
                 raise ProtocolError("SET_MANY index does not match its frames")
             entries = []

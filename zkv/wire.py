@@ -91,6 +91,7 @@ __all__ = [
     "probe_topics",
     "published",
     "raw_send",
+    "read_index",
     "recv_message",
     "recv_reply",
     "recv_request",
@@ -307,15 +308,22 @@ def pack_sections(sections: Iterable[Sequence[Frame]]) -> list[Frame]:
     return out
 
 
+def read_index(frame: Frame, typecode: str, what: str) -> array[int]:
+    """An index frame as an array of ``typecode`` items. Raises ProtocolError ("bad
+    ``what``") if its length is not a whole number of items."""
+    index = array(typecode)
+    try:
+        index.frombytes(frame)
+    except (ValueError, TypeError):
+        raise ProtocolError(f"bad {what}") from None
+    return index
+
+
 def unpack_sections(frames: Sequence[Frame]) -> list[Sequence[Frame]]:
     """Inverse of :func:`pack_sections`. Raises ProtocolError on a malformed layout."""
     if not frames:
         raise ProtocolError("missing section index")
-    counts = array("I")
-    try:
-        counts.frombytes(frames[0])
-    except ValueError:
-        raise ProtocolError("bad section index") from None
+    counts = read_index(frames[0], "I", "section index")
     if sum(counts) != len(frames) - 1:
         raise ProtocolError(f"section index says {sum(counts)} frames, got {len(frames) - 1}")
     out: list[Sequence[Frame]] = []
@@ -349,11 +357,7 @@ def unpack_frames(frames: Sequence[Any]) -> list[Any]:
     """Inverse of :func:`pack_frames`. Raises ProtocolError if the parts do not add up."""
     if len(frames) < 2:
         raise ProtocolError("packed frames need a length index and a body")
-    lengths = array("q")
-    try:
-        lengths.frombytes(frames[0])
-    except ValueError:
-        raise ProtocolError("bad packed-frame index") from None
+    lengths = read_index(frames[0], "q", "packed-frame index")
     blob = bytes(frames[1])
     if len(frames) == 2 and (not lengths or min(lengths) >= 0):  # no large frames
         ends = list(itertools.accumulate(lengths))
