@@ -83,17 +83,29 @@ def peer(ctx: zmq.Context[Any], kind: int, address: str) -> zmq.Socket[Any]:
 
 
 def barrier(sock: zmq.Socket[Any]) -> list[list[bytes]]:
-    """Send a PING after the garbage on the same DEALER and wait for its answer: everything the
-    peer sent before it has been handled. Returns the replies to the garbage."""
+    """Send a PING after the garbage on the same DEALER and wait for its answer (OK after a
+    HELLO, an error without): everything the peer sent before it has been handled. Returns
+    the replies to the garbage."""
     sock.send_multipart([wire.pack_header(BARRIER_RID, Op.PING)])
     replies = []
     while True:
         assert sock.poll(15_000), "the owner stopped answering"
         reply = sock.recv_multipart()
-        rid, status, _before, _after = wire.unpack_reply(reply[0])
-        if (rid, status, len(reply)) == (BARRIER_RID, Status.OK, 1):
+        if reply[0].startswith(wire.WELCOME_MAGIC):
+            continue
+        rid, _status, _before, _after = wire.unpack_reply(reply[0])
+        if rid == BARRIER_RID:
             return replies
         replies.append(reply)
+
+
+def say_hello(sock: zmq.Socket[Any]) -> None:
+    """Open a zkv session on a raw DEALER, as a zkv client does."""
+    sock.send_multipart([wire.pack_greeting(wire.HELLO_MAGIC, {
+        "pid": os.getpid(), "host": socket.gethostname()})])
+    assert sock.poll(15_000), "no welcome"
+    version, info = wire.parse_greeting(wire.WELCOME_MAGIC, sock.recv()) or (0, {})
+    assert version == wire.PROTOCOL_VERSION and "error" not in info, info
 
 
 def check_serving(client: zkv.Store, tag: Any) -> None:
@@ -102,7 +114,7 @@ def check_serving(client: zkv.Store, tag: Any) -> None:
 
 
 def refused_for_sure(frames: Sequence[bytes]) -> bool:
-    """Whether the owner must refuse these frames (as sent by a DEALER)."""
+    """Whether the owner must refuse these frames (as sent by a DEALER that said HELLO)."""
     head = frames[0]
     if len(head) < 5 or (len(head) != 5 and not head[4] & wire.MERGED):
         return True
@@ -115,14 +127,17 @@ def refused_for_sure(frames: Sequence[bytes]) -> bool:
 # -- the request socket ----------------------------------------------------------------------------
 
 class TestRequestSocket:
-    """Random frames to the ROUTER socket from DEALER, REQ and PUSH peers."""
+    """Random frames to the ROUTER socket from DEALER, REQ and PUSH peers. (Peers that never
+    said HELLO are refused whatever they send: tests/test_hostile_peers.py. Here the DEALER
+    opened a session first, so its garbage reaches the operations.)"""
 
     @FUZZ
     @given(frames=random_frames | headed_frames)
     def test_dealer(self, kv: zkv.Store, client: zkv.Store, ctx: zmq.Context[Any],
                     frames: list[bytes], caplog: pytest.LogCaptureFixture) -> None:
-        before = kv.stats()["refused"]
         sock = peer(ctx, zmq.DEALER, kv.endpoint)
+        say_hello(sock)
+        before = kv.stats()["refused"]
         try:
             sock.send_multipart(frames)
             for reply in barrier(sock):
@@ -171,6 +186,7 @@ class TestRequestSocket:
                                              caplog: pytest.LogCaptureFixture) -> None:
         caplog.set_level(logging.WARNING, logger="zkv.server")
         sock = peer(ctx, zmq.DEALER, kv.endpoint)
+        say_hello(sock)
         try:
             for junk in ([b"\x01\x02"], [b"", b"x"], [wire.pack_header(1, 31), b"k"]):
                 sock.send_multipart(junk)
@@ -262,17 +278,16 @@ class TestRawBytes:
 # -- well-framed but wrong ------------------------------------------------------------------------
 
 def request(ctx: zmq.Context[Any], endpoint: str, frames: list[bytes],
-            hello: bool = False) -> tuple[int, list[bytes]] | None:
-    """Send one raw request from a fresh DEALER; return (status, frames) of its answer, or None
-    if the owner answered nothing (refused a one-way message)."""
+            hello: bool = True) -> tuple[int, list[bytes]] | None:
+    """Send one raw request from a fresh DEALER (that said HELLO first, unless ``hello`` is
+    false); return (status, frames) of its answer, or None if the owner answered nothing
+    (refused a one-way message)."""
     sock = peer(ctx, zmq.DEALER, endpoint)
     try:
         if hello:
-            sock.send_multipart([wire.pack_header(1, Op.HELLO),
-                                 wire.encode_json({"pid": os.getpid(),
-                                                   "host": socket.gethostname()})])
+            say_hello(sock)
         sock.send_multipart(frames)
-        replies = [r for r in barrier(sock) if wire.unpack_reply(r[0])[0] != 1 or not hello]
+        replies = barrier(sock)
     finally:
         sock.close()
     if not replies:
@@ -373,9 +388,16 @@ class TestWellFramedButWrong:
                                       b'{"pid": 0}', b'{"pid": "12"}', b'{"pid": -5}'])
     def test_bad_hello(self, kv: zkv.Store, ctx: zmq.Context[Any], body: bytes) -> None:
         sessions = kv.stats()["sessions"]
-        exc = error_of(request(ctx, kv.endpoint, [head(Op.HELLO), body]))
-        assert isinstance(exc, zkv.ProtocolError)
-        assert kv.stats()["refused"] == 1
+        sock = peer(ctx, zmq.DEALER, kv.endpoint)
+        try:
+            sock.send_multipart([wire.HELLO_MAGIC + wire.PROTOCOL_VERSION.to_bytes(2, "little")
+                                 + body])
+            wait_for(lambda: kv.stats()["refused"] == 1, timeout=15, what="HELLO refused")
+            if sock.poll(100):  # a HELLO whose JSON made sense is answered with the reason
+                _version, info = wire.parse_greeting(wire.WELCOME_MAGIC, sock.recv()) or (0, {})
+                assert "pid" in info["error"]
+        finally:
+            sock.close()
         assert kv.stats()["sessions"] == sessions  # no session that could never be forgotten
 
     def test_modify_with_a_non_callable(self, kv: zkv.Store, ctx: zmq.Context[Any]) -> None:
@@ -404,7 +426,8 @@ class TestWellFramedButWrong:
     def test_lock_before_hello_and_bad_timeout(self, kv: zkv.Store,
                                                ctx: zmq.Context[Any]) -> None:
         frames = [head(Op.LOCK), b"l", b"token", b"1"]
-        assert isinstance(error_of(request(ctx, kv.endpoint, frames)), zkv.ProtocolError)
+        assert isinstance(error_of(request(ctx, kv.endpoint, frames, hello=False)),
+                          zkv.ProtocolError)
         frames = [head(Op.LOCK), b"l", b"token", b'"soon"']
         assert isinstance(error_of(request(ctx, kv.endpoint, frames, hello=True)), ValueError)
         assert kv.stats()["locks"] == 0
@@ -434,7 +457,7 @@ def _garbage_round(ctx: zmq.Context[Any], endpoint: str, rng: random.Random) -> 
                 msg = [wire.pack_header(rng.randrange(1 << 20), rng.randrange(0, 30)),
                        *(rng.randbytes(rng.randrange(0, 300)) for _ in range(n))]
             dealer.send_multipart(msg)
-        dealer.send_multipart([wire.pack_header(1, Op.HELLO), b'{"pid": 0, "host": "x"}'])
+        dealer.send_multipart([wire.pack_greeting(wire.HELLO_MAGIC, {"pid": 0, "host": "x"})])
         barrier(dealer)
         dealer.close()
         req = peer(ctx, zmq.REQ, endpoint)

@@ -41,7 +41,6 @@ EXPECTED_ALL = [
     "__version__",
     "connect",
     "serve",
-    "shared_memory",
     "store",
 ]
 
@@ -62,8 +61,7 @@ class TestNames:
 
     def test_every_name_resolves(self) -> None:
         for name in EXPECTED_ALL:
-            if name != "shared_memory":  # resolving it makes the store: see below
-                assert getattr(zkv, name) is not None, name
+            assert getattr(zkv, name) is not None, name
         with pytest.raises(AttributeError):
             zkv.no_such_name  # noqa: B018
 

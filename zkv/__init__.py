@@ -72,13 +72,13 @@ __all__ = [
     "__version__",
     "connect",
     "serve",
-    "shared_memory",
     "store",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    # ``zkv.shared_memory`` is the process-wide store, made on first use (never at import).
+    # ``zkv.shared_memory`` is the process-wide store, made on first use (never at import,
+    # and never by ``from zkv import *``: it is not in ``__all__``).
     if name == "shared_memory":
         return store()
     raise AttributeError(f"module 'zkv' has no attribute {name!r}")

@@ -221,27 +221,16 @@ class Connection:
         self.max_message_size = options.max_message_size
         codec.register_main_by_value()
         try:
-            hello = [wire.encode_json({"pid": os.getpid(), "host": socket.gethostname()})]
             timeout = min(options.timeout, 10.0)
-            if self._watch.session_socket is None:
-                status, reply = self.request(Op.HELLO, hello, timeout=timeout)
-            else:
-                status, reply, _before, _after = self._exchange(
-                    self._watch.session_socket, 1, Op.HELLO, hello, time.monotonic() + timeout,
-                    timeout)
-            if status != Status.OK or not reply:
-                raise ProtocolError("the owner refused HELLO")
-            info = wire.decode_json(reply[0])
+            sock = self._watch.session_socket or self._socket()
+            info = self._hello(sock, timeout)
         except ZkvTimeoutError:
             self.close(linger=0)
-            raise NoOwnerError(f"no zkv owner answered at {address}") from None
+            raise NoOwnerError(f"no zkv owner answered HELLO at {address} within "
+                               f"{timeout}s") from None
         except BaseException:
             self.close(linger=0)
             raise
-        if info.get("version") != wire.PROTOCOL_VERSION:
-            self.close(linger=0)
-            raise ProtocolError(f"owner speaks zkv protocol {info.get('version')}, "
-                                f"this process {wire.PROTOCOL_VERSION}")
         self.owner_pid: int = int(info["pid"])
         self.pub_address: str = self.endpoint.pub_address(info["pub"])
         self.max_message_size = int(info.get("max_message_size", options.max_message_size))
@@ -251,6 +240,37 @@ class Connection:
         self.blob_threshold = int(info.get("blob_threshold", 0) or 0)
         if self.blob_dir is not None:
             self._small_flags = (wire.MERGED, wire.MERGED | wire.REFS)
+
+    def _hello(self, sock: zmq.Socket[Any], timeout: float) -> dict[str, Any]:
+        """Say HELLO on ``sock`` and return the owner's welcome. Raises ProtocolError if the
+        owner speaks another protocol version or refuses, ZkvTimeoutError if it does not
+        answer within ``timeout``, OwnerGoneError if it dies meanwhile."""
+        hello = wire.pack_greeting(wire.HELLO_MAGIC,
+                                   {"pid": os.getpid(), "host": socket.gethostname()})
+        deadline = time.monotonic() + timeout
+        self._send(sock, [hello], deadline)
+        while True:
+            try:
+                frames = wire.recv_message(sock)
+            except zmq.Again:
+                self._check_owner()
+                if time.monotonic() >= deadline:
+                    raise ZkvTimeoutError(f"no welcome from the zkv owner within {timeout}s") \
+                        from None
+                continue
+            greeting = wire.parse_greeting(wire.WELCOME_MAGIC, frames[0]) \
+                if len(frames) == 1 else None
+            if greeting is None:
+                continue  # not the welcome (nothing else is sent before it)
+            version, info = greeting
+            if version != wire.PROTOCOL_VERSION:
+                raise ProtocolError(
+                    f"zkv protocol mismatch: the owner at {self.address} (pid "
+                    f"{info.get('pid', '?')}) speaks protocol {version}, this process "
+                    f"{wire.PROTOCOL_VERSION}; use the same zkv version in every process")
+            if "error" in info:
+                raise ProtocolError(str(info["error"]))
+            return info
 
     @property
     def context(self) -> zmq.Context[Any]:

@@ -8,9 +8,11 @@ socket ``<dir>/p``; the endpoint string a client uses is ``ipc://<dir>/r``.
 Discovery, in order:
 
 1. the ``ZKV_ENDPOINT`` environment variable, which the owner exports so that children inherit it;
-2. the ancestors of this process: an owner whose pid is an ancestor of ours has a directory
-   named after its pid (this finds the owner from a forkserver child whose server was started
-   before the store existed).
+2. in a process that multiprocessing started (fork, spawn, forkserver) only: its ancestors. An
+   owner whose pid is an ancestor of ours has a directory named after its pid (this finds the
+   owner from a forkserver child whose server was started before the store existed). A program
+   started any other way (``subprocess``, a shell) is not a worker: without ``ZKV_ENDPOINT`` it
+   joins nothing, and ``zkv.store()`` makes it the owner of its own store.
 
 An ipc ``ZKV_ENDPOINT`` whose owner is gone (a forkserver keeps the environment it was started
 with, which may name a store closed since) is passed over for a live owner among the ancestors;
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import multiprocessing
 import os
 import secrets
 import shutil
@@ -239,17 +242,24 @@ def find_ancestor_owner() -> str | None:
     return None
 
 
-def discover() -> str | None:
+def discover(ancestors: bool | None = None) -> str | None:
     """The endpoint this process should join, by the discovery order of the module docstring,
-    or None if there is nothing to join."""
+    or None if there is nothing to join.
+
+    ``ancestors`` says whether to search the ancestors; by default only a process that
+    multiprocessing started (fork, spawn, forkserver: ``multiprocessing.parent_process()`` is
+    set) does. A program started any other way (``subprocess``, a shell) joins a store only
+    through ``ZKV_ENDPOINT``: if its author removed the variable, it owns a store of its own."""
+    if ancestors is None:
+        ancestors = multiprocessing.parent_process() is not None
     address = os.environ.get(ENV_VAR)
     if not address:
-        return find_ancestor_owner()
+        return find_ancestor_owner() if ancestors else None
     try:
         stale = not parse(address).owner_present()
     except ValueError:
         return address  # connecting reports what is wrong with it
-    if stale:
+    if stale and ancestors:
         return find_ancestor_owner() or address
     return address
 

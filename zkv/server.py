@@ -189,7 +189,6 @@ class Server:
         self.refused = 0
         self._hostname = socket.gethostname()
         self._handlers: dict[int, Handler] = {
-            Op.HELLO: self._hello,
             Op.GET: self._get,
             Op.SET: self._set,
             Op.DELETE: self._delete,
@@ -423,6 +422,10 @@ class Server:
             self._refuse("message without a header frame")
             return
         routing_id = frames[0]
+        if routing_id[:8] not in self._sessions:
+            # Only a peer that completed HELLO may run an operation (one dict lookup here).
+            self._greet(routing_id, frames[1:])
+            return
         try:
             rid, op, args = wire.parse_request(frames[1], frames[2:])
         except ProtocolError as exc:
@@ -645,13 +648,50 @@ class Server:
 
     # -- request handlers: (session, routing_id, rid, args) -> (status, frames) or None ----------
 
-    def _hello(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
-        info = wire.decode_json(args[0]) if args else None
-        if not isinstance(info, dict):
-            info = {}
+    def _greet(self, routing_id: bytes, frames: list[Any]) -> None:
+        """A message from a connection with no session: a HELLO opens one; anything else is
+        refused (counted, logged, never applied) and, if it looks like a request, answered
+        with an error that says why."""
+        try:
+            greeting = wire.parse_greeting(wire.HELLO_MAGIC, frames[0]) \
+                if len(frames) == 1 else None
+        except ProtocolError as exc:
+            self._refuse(f"bad HELLO: {exc}")
+            return
+        if greeting is None:
+            self._refuse("a message from a connection that did not say HELLO")
+            try:
+                rid, op, _args = wire.parse_request(frames[0], frames[1:])
+            except ProtocolError:
+                return
+            if op & wire.OP_MASK not in _ONE_WAY:
+                self._reply(routing_id, rid, Status.ERROR, wire.encode_error(ProtocolError(
+                    "this connection has not said HELLO to the zkv owner; nothing was done")),
+                    self.state.version)
+            return
+        version, info = greeting
+        reply: dict[str, Any] = {"pid": os.getpid()}
+        if version != wire.PROTOCOL_VERSION:
+            reply["error"] = (f"zkv protocol mismatch: the owner (pid {os.getpid()}) speaks "
+                              f"protocol {wire.PROTOCOL_VERSION}, this client {version}; use "
+                              f"the same zkv version in every process")
+            self._refuse(reply["error"])
+        else:
+            try:
+                reply.update(self._open_session(routing_id[:8], info))
+            except ProtocolError as exc:
+                self._refuse(f"bad HELLO: {exc}")
+                reply["error"] = f"the zkv owner refused HELLO: {exc}"
+        try:
+            send_frames(self._router, [routing_id, wire.pack_greeting(wire.WELCOME_MAGIC, reply)])
+        except zmq.ZMQError as exc:  # peer gone
+            log.debug("welcome to %r dropped: %s", routing_id, exc)
+
+    def _open_session(self, session: bytes, info: dict[str, Any]) -> dict[str, Any]:
+        """Record the session of a client that said HELLO; return what the welcome tells it."""
         pid = info.get("pid")
         if type(pid) is not int or pid <= 0:  # a session the liveness checks could never end
-            raise ProtocolError("HELLO needs a JSON object with the client's pid")
+            raise ProtocolError("HELLO needs the client's pid")
         host = str(info.get("host", ""))
         local = host == self._hostname and self.directory is not None
         if self._current is not None:  # tcp
@@ -666,9 +706,7 @@ class Server:
             self._fd_sessions[record.fd] = session
             peer = f" as {frame.get('User-Id')!r} from {frame.get('Peer-Address')}"
         log.info("zkv session %s: HELLO from pid %d on %s%s", session.hex(), pid, host, peer)
-        reply = {
-            "version": wire.PROTOCOL_VERSION,
-            "pid": os.getpid(),
+        reply: dict[str, Any] = {
             "host": self._hostname,
             "pub": self.pub_announce,
             "max_message_size": self.options.max_message_size,
@@ -677,7 +715,7 @@ class Server:
         if local and self._blobs is not None:
             reply["blobs"] = str(self._blobs.path)
             reply["blob_threshold"] = self._blobs.threshold
-        return Status.OK, [wire.encode_json(reply)]
+        return reply
 
     def _get(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         entry = self.state.data.get(_key(args, "GET"))
@@ -878,8 +916,6 @@ class Server:
     def _lock(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]) -> Reply:
         if len(args) != 3:
             raise ProtocolError("LOCK needs a name, a token and a timeout")
-        if session not in self._sessions:
-            raise ProtocolError("LOCK from a session that did not say HELLO")
         name = wire.key_str(args[0])
         token = bytes(args[1])
         timeout = wire.decode_json(args[2])
@@ -942,8 +978,6 @@ class Server:
 
     def _cache_watch(self, session: bytes, routing_id: bytes, rid: int, args: list[Any]
                      ) -> Reply:
-        if session not in self._sessions:
-            raise ProtocolError("CACHE_WATCH from a session that did not say HELLO")
         cacher = self._cachers.setdefault(routing_id, _Cacher())
         cacher.prefixes.extend(bytes(a) for a in args if bytes(a) not in cacher.prefixes)
         self._update_watch_hook()
@@ -978,7 +1012,7 @@ class Server:
         return None
 
 
-_NOT_PIPELINED = frozenset({Op.HELLO, Op.PIPELINE, Op.LOCK, Op.PUBLISH, Op.BYE,
+_NOT_PIPELINED = frozenset({Op.PIPELINE, Op.LOCK, Op.PUBLISH, Op.BYE,
                             Op.CACHE_WATCH, Op.CACHE_UNWATCH, Op.CACHE_SYNC, Op.PROBE})
 _SEQ = struct.Struct("<Q")
 

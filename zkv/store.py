@@ -569,11 +569,12 @@ _hooks_pid: int | None = None
 def store() -> Store:
     """The process-wide store: the same object on every call in one process.
 
-    On first use it connects to the owner announced in ``ZKV_ENDPOINT`` (or, failing that,
-    owned by an ancestor of this process). If there is none and this is the main process, it
-    becomes the owner: it binds private ipc sockets, starts its poller thread and exports
-    ``ZKV_ENDPOINT`` for the children it starts. A multiprocessing child that finds no owner
-    raises :class:`~zkv.NoOwnerError` instead of silently making a private store.
+    On first use it connects to the owner announced in ``ZKV_ENDPOINT`` (or, in a process
+    that multiprocessing started, to an owner among its ancestors). If there is none and this
+    is not a multiprocessing child, it becomes the owner: it binds private ipc sockets, starts
+    its poller thread and exports ``ZKV_ENDPOINT`` for the children it starts. A
+    multiprocessing child that finds no owner raises :class:`~zkv.NoOwnerError` instead of
+    silently making a private store.
     """
     current = _GLOBAL
     if current is not None and not current.closed:
@@ -636,16 +637,17 @@ def serve(endpoint: str | None = None, **options: Any) -> Store:
 def connect(endpoint: str | None = None, **options: Any) -> Store:
     """Join an existing store as a client and return it.
 
-    ``endpoint`` defaults to ``ZKV_ENDPOINT``, then to an owner among this process's
-    ancestors. Raises :class:`~zkv.NoOwnerError` if there is no owner to join. A ``tcp://``
+    ``endpoint`` defaults to ``ZKV_ENDPOINT``, then (in a process that multiprocessing
+    started) to an owner among this process's ancestors. Raises :class:`~zkv.NoOwnerError` if there is no owner to join. A ``tcp://``
     endpoint needs client credentials (``keys=DIR`` or ``ZKV_KEYS``) and raises
     :class:`~zkv.AuthenticationError` if they are missing or the owner refuses them.
     """
     opts = Options.from_env(options)
     address = endpoint or _endpoint.discover()
     if not address:
-        raise NoOwnerError(f"no zkv endpoint given, {_endpoint.ENV_VAR} is not set and no "
-                           "ancestor process owns a store")
+        raise NoOwnerError(f"no zkv endpoint given and {_endpoint.ENV_VAR} is not set (an "
+                           "owner among the ancestors is looked for only in multiprocessing "
+                           "children)")
     return Store(RemoteCore(address, opts), opts)
 
 

@@ -62,11 +62,13 @@ __all__ = [
     "MORE",
     "OP_MASK",
     "PLAIN_VALUES",
+    "HELLO_MAGIC",
     "PROTOCOL_VERSION",
     "REFS",
     "REPLY_HEADER",
     "REQUEST_HEADER",
     "SPILLED",
+    "WELCOME_MAGIC",
     "Op",
     "Status",
     "decode_error",
@@ -80,6 +82,7 @@ __all__ = [
     "keys_str",
     "make_probe",
     "pack_frames",
+    "pack_greeting",
     "pack_header",
     "pack_key_value",
     "pack_meta",
@@ -87,6 +90,7 @@ __all__ = [
     "pack_sections",
     "pack_spill",
     "pack_welcome",
+    "parse_greeting",
     "parse_welcome",
     "probe_topics",
     "published",
@@ -108,7 +112,14 @@ __all__ = [
     "unpack_spill",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+
+#: The first frame of a HELLO (client -> owner) and of its WELCOME (owner -> client): a magic
+#: value, the sender's protocol version (u16), then a JSON object. The layout never changes
+#: between versions, so that peers of different versions can tell each other theirs.
+HELLO_MAGIC = b"zkv-helo"
+WELCOME_MAGIC = b"zkv-wlcm"
+_GREETING = struct.Struct("<8sH")
 
 #: The request header (rid u32, op u8) and the reply header (rid u32, status u8, before u64,
 #: after u64), for code that packs them itself on a hot path.
@@ -120,7 +131,7 @@ _META = struct.Struct("<QQB")
 class Op(enum.IntEnum):
     """Request operations."""
 
-    HELLO = 0
+    # 0 is never an operation: a connection opens with a HELLO greeting (pack_greeting).
     GET = 1
     SET = 2
     DELETE = 3
@@ -211,6 +222,26 @@ def unpack_spill(frame: Frame) -> list[tuple[int, int, bytes]]:
 #: First frame of a GET_MANY reply whose second frame is one pickle of the list of values.
 PLAIN_VALUES = b"p"
 _MERGE_LIMIT = 64 * 1024
+
+
+def pack_greeting(magic: bytes, info: dict[str, Any], version: int | None = None) -> bytes:
+    """A HELLO or WELCOME frame: ``magic``, ``version`` (default: :data:`PROTOCOL_VERSION`)
+    and ``info`` as JSON."""
+    return _GREETING.pack(magic, PROTOCOL_VERSION if version is None else version) \
+        + encode_json(info)
+
+
+def parse_greeting(magic: bytes, frame: Frame) -> tuple[int, dict[str, Any]] | None:
+    """``(version, info)`` of a HELLO or WELCOME frame, or None if ``frame`` does not start
+    with ``magic``. Raises ProtocolError if it does but the rest is not a JSON object."""
+    data = bytes(frame)
+    if len(data) < _GREETING.size or not data.startswith(magic):
+        return None
+    _magic, version = _GREETING.unpack_from(data)
+    info = decode_json(data[_GREETING.size:])
+    if not isinstance(info, dict):
+        raise ProtocolError("a zkv greeting must carry a JSON object")
+    return version, info
 
 
 def pack_header(rid: int, code: int) -> bytes:
