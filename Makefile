@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: install demo test bench bench-quick lint docs soak clean
+.PHONY: install demo test fuzz bench bench-quick lint docs soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ demo: $(STAMP)  ## a worker pool sharing one store
 
 test: $(STAMP)  ## the whole test suite (every test has a timeout)
 	$(BIN)/python -m pytest
+
+FUZZ_SECONDS ?= 180
+fuzz: $(STAMP)  ## hostile peers with random examples for FUZZ_SECONDS (default 180); prints what it tried
+	ZKV_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -p no:cacheprovider -s -q \
+		tests/test_hostile_peers.py -k data_is_untouched
+	ZKV_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -p no:cacheprovider -q \
+		--hypothesis-show-statistics --timeout=0 tests/test_garbage.py
 
 bench: $(STAMP)  ## zkv side by side with Manager, Pipe, bare pyzmq and Redis
 	$(BIN)/python -m pip install --quiet -e '.[dev,plot]'

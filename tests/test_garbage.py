@@ -38,7 +38,11 @@ class _Touch:
     def __reduce__(self) -> tuple[Any, ...]:
         return (Path.touch, (Path(self.path),))
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
+#: ``make test``: a fixed (derandomized) set of examples; ``make fuzz`` (ZKV_FUZZ_SECONDS set):
+#: random examples, many more of them.
+_FUZZ_SECONDS = float(os.environ.get("ZKV_FUZZ_SECONDS", "0") or 0)
+FUZZ = settings(max_examples=max(60, int(_FUZZ_SECONDS * 8)),  # ~ its share of the seconds
+                deadline=None, derandomize=not _FUZZ_SECONDS,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 
