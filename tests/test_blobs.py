@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import zmq
+from _raw import say_hello
 from store_helpers import call_in_child
 
 import zkv
@@ -184,6 +185,7 @@ def dealer(kv: zkv.Store) -> Iterator[zmq.Socket[Any]]:
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     sock.connect(kv.endpoint)
+    say_hello(sock)
     yield sock
     sock.close()
 

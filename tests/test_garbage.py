@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import zmq
 from _faultkit import OwnerProcess
+from _raw import say_hello
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -101,15 +102,6 @@ def barrier(sock: zmq.Socket[Any]) -> list[list[bytes]]:
         if rid == BARRIER_RID:
             return replies
         replies.append(reply)
-
-
-def say_hello(sock: zmq.Socket[Any]) -> None:
-    """Open a zkv session on a raw DEALER, as a zkv client does."""
-    sock.send_multipart([wire.pack_greeting(wire.HELLO_MAGIC, {
-        "pid": os.getpid(), "host": socket.gethostname()})])
-    assert sock.poll(15_000), "no welcome"
-    version, info = wire.parse_greeting(wire.WELCOME_MAGIC, sock.recv()) or (0, {})
-    assert version == wire.PROTOCOL_VERSION and "error" not in info, info
 
 
 def check_serving(client: zkv.Store, tag: Any) -> None:

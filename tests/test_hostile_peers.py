@@ -265,7 +265,8 @@ def _check_untouched(store: zkv.Store, client: zkv.Store, attack: Callable[[Atta
         # The DEALERs' barriers show their messages have been handled.
         assert snapshot(client) == before, f"data changed (seed {seed})"
         # Everything that reached the owner was refused (so it has all been handled).
-        wait_for(lambda: store.stats()["refused"] >= refused_before + run.must_refuse,
+        expected = refused_before + run.must_refuse
+        wait_for(lambda: store.stats()["refused"] >= expected,  # noqa: B023
                  timeout=60, what=f"every hostile message handled ({run.must_refuse} refusals "
                  f"expected; {store.stats()['refused'] - refused_before} so far)")
         assert snapshot(client) == before, f"data changed (seed {seed})"

@@ -25,12 +25,12 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import resource
 import socket
 import stat
 import threading
 import time
-import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -46,15 +46,21 @@ from .errors import (
     ProtocolError,
     StoreClosedError,
     ZkvConnectionError,
+    ZkvError,
     ZkvTimeoutError,
 )
-from .wire import Op, Status
+from .wire import Op
 
 __all__ = ["Connection", "IpcWatch", "TcpWatch"]
 
 log = logging.getLogger("zkv.client")
 
 _SLICE = 0.1  # seconds between owner-liveness checks while a request waits
+_SLICE_MS = int(_SLICE * 1000)
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+_poll = zmq.zmq_poll  # counts its timeout down across signals (a blocking recv restarts it)
+_MAX_SOCKETS = 65_536
 _LARGE = 64 * 1024
 
 
@@ -81,6 +87,44 @@ def _private_dir(path: Any) -> str | None:
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
         return None
     return path
+
+
+def _context() -> zmq.Context[Any]:
+    """A ZeroMQ context for one connection, allowed as many sockets as the process may open
+    files (one per calling thread; ZeroMQ's default stops at 1023)."""
+    ctx: zmq.Context[Any] = zmq.Context(io_threads=1)
+    try:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):  # pragma: no cover
+        soft = 1024
+    if soft == resource.RLIM_INFINITY:
+        soft = _MAX_SOCKETS
+    ctx.setsockopt(zmq.MAX_SOCKETS, max(1024, min(int(soft), _MAX_SOCKETS)))
+    return ctx
+
+
+class _ThreadSocket:
+    """One thread's request socket and the id of its last request. Held only by the thread's
+    slot of a ``threading.local``: when the thread ends, the slot is dropped and the socket is
+    closed at once (no socket, and no file descriptor, outlives its thread)."""
+
+    __slots__ = ("items", "release", "rid", "sock")
+
+    def __init__(self, sock: zmq.Socket[Any],
+                 release: Callable[[_ThreadSocket], None] | None) -> None:
+        self.sock = sock
+        self.items = [(sock, _POLLIN)]
+        self.rid = int.from_bytes(os.urandom(4), "little")
+        self.release = release
+
+    def __del__(self) -> None:
+        release = self.release
+        if release is not None:
+            self.release = None
+            try:
+                release(self)
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
 
 
 class IpcWatch:
@@ -194,10 +238,10 @@ class Connection:
         self._watch: IpcWatch | TcpWatch
         if self.endpoint.is_ipc:
             self._watch = IpcWatch(self.endpoint)
-            self._ctx = zmq.Context(io_threads=1)
+            self._ctx = _context()
         else:
             keys = auth.client_keys(options.keys, address)  # before anything is opened
-            self._ctx = zmq.Context(io_threads=1)
+            self._ctx = _context()
             try:
                 self._watch = TcpWatch(self._ctx, address, self._session + bytes(4), keys,
                                        options)
@@ -205,7 +249,7 @@ class Connection:
                 self._ctx.term()
                 raise
         self._local = threading.local()
-        self._sockets: dict[int, tuple[weakref.ref[threading.Thread], zmq.Socket[Any]]] = {}
+        self._sockets: dict[int, zmq.Socket[Any]] = {}  # every thread's socket, for close()
         self._sockets_lock = threading.Lock()
         self._socket_ids = itertools.count(1)
         self._closed = False
@@ -222,7 +266,7 @@ class Connection:
         codec.register_main_by_value()
         try:
             timeout = min(options.timeout, 10.0)
-            sock = self._watch.session_socket or self._socket()
+            sock = self._watch.session_socket or self._thread_socket().sock
             info = self._hello(sock, timeout)
         except ZkvTimeoutError:
             self.close(linger=0)
@@ -248,16 +292,22 @@ class Connection:
         hello = wire.pack_greeting(wire.HELLO_MAGIC,
                                    {"pid": os.getpid(), "host": socket.gethostname()})
         deadline = time.monotonic() + timeout
-        self._send(sock, [hello], deadline)
         while True:
             try:
-                frames = wire.recv_message(sock)
+                sock.send(hello, _NOBLOCK)
+                break
             except zmq.Again:
+                if time.monotonic() >= deadline:
+                    raise ZkvTimeoutError("the zkv owner is not accepting connections") from None
+                _poll([(sock, _POLLOUT)], _SLICE_MS)
+        items = [(sock, _POLLIN)]
+        while True:
+            if not _poll(items, _SLICE_MS):
                 self._check_owner()
                 if time.monotonic() >= deadline:
-                    raise ZkvTimeoutError(f"no welcome from the zkv owner within {timeout}s") \
-                        from None
+                    raise ZkvTimeoutError(f"no welcome from the zkv owner within {timeout}s")
                 continue
+            frames = wire.recv_message(sock, _NOBLOCK)
             greeting = wire.parse_greeting(wire.WELCOME_MAGIC, frames[0]) \
                 if len(frames) == 1 else None
             if greeting is None:
@@ -282,28 +332,58 @@ class Connection:
 
     # -- sockets ---------------------------------------------------------------------------------
 
-    def _socket(self) -> zmq.Socket[Any]:
+    def _thread_socket(self) -> _ThreadSocket:
+        """This thread's request socket, opened on first use."""
         try:
-            return self._local.sock  # type: ignore[no-any-return]
+            return self._local.ts  # type: ignore[no-any-return]
         except AttributeError:
             pass
         if self._closed:
             raise StoreClosedError("this zkv store is closed")
         if os.getpid() != self._pid:
             raise StoreClosedError("this connection belongs to the parent process")
+        sock = self.open_socket()
+        ts = _ThreadSocket(sock, self._release)
         with self._sockets_lock:
-            self._reap_dead_threads()
-            sock = self.open_socket()
-            self._sockets[threading.get_ident()] = (weakref.ref(threading.current_thread()), sock)
-        self._local.sock = sock
-        self._local.rid = int.from_bytes(os.urandom(4), "little")
-        return sock
+            if self._closed:
+                sock.close(0)
+                raise StoreClosedError("this zkv store is closed")
+            self._sockets[id(ts)] = sock
+        self._local.ts = ts
+        return ts
+
+    def _release(self, ts: _ThreadSocket) -> None:
+        """Close a thread's socket: its thread ended (the thread-local slot holding it was
+        dropped) or a request on it was interrupted. Lingers, so that what was sent whole (a
+        publish) is still delivered; a message cut off mid-way is dropped by ZeroMQ, never
+        completed by the next one."""
+        if os.getpid() != self._pid:
+            return  # a forked child's copy of the parent's socket: never touch it
+        with self._sockets_lock:
+            sock = self._sockets.pop(id(ts), None)
+        if sock is not None:
+            sock.close(int(self.options.linger * 1000))
+
+    def _abandon(self, ts: _ThreadSocket) -> None:
+        """A request on this thread's socket was interrupted (KeyboardInterrupt, an exception
+        from a signal handler): the socket may hold half a message or an unread reply, so it is
+        closed and the thread's next request opens a new one."""
+        if getattr(self._local, "ts", None) is ts:
+            del self._local.ts
+        ts.release = None
+        self._release(ts)
 
     def open_socket(self, rcvhwm: int = 1000) -> zmq.Socket[Any]:
         """A new DEALER connected to the owner, with a routing id of this session. The caller
-        owns it (and closes it before this connection closes)."""
-        sock = self._ctx.socket(zmq.DEALER)
+        owns it (and closes it before this connection closes). Raises ZkvConnectionError if
+        no socket can be opened (out of file descriptors)."""
         number = next(self._socket_ids)
+        try:
+            sock: zmq.Socket[Any] = self._ctx.socket(zmq.DEALER)
+        except zmq.ZMQError as exc:
+            raise ZkvConnectionError(
+                f"cannot open a socket to the zkv owner: {exc} ({len(self._sockets)} threads "
+                f"of this process hold one; raise the limit with `ulimit -n`)") from exc
         sock.setsockopt(zmq.ROUTING_ID, self._session + number.to_bytes(4, "little"))
         sock.setsockopt(zmq.LINGER, int(self.options.linger * 1000))
         sock.setsockopt(zmq.SNDHWM, 1000)
@@ -311,14 +391,6 @@ class Connection:
         sock.setsockopt(zmq.RCVTIMEO, int(_SLICE * 1000))
         sock.connect(self.address)
         return sock
-
-    def _reap_dead_threads(self) -> None:
-        for ident, (ref, sock) in list(self._sockets.items()):
-            thread = ref()
-            if thread is None or not thread.is_alive():
-                # Linger: what the thread sent last (publishes: no reply) is still delivered.
-                sock.close(int(self.options.linger * 1000))
-                del self._sockets[ident]
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -355,11 +427,7 @@ class Connection:
         ``named`` is false) a read's reply may name files that hold large frames."""
         if self._lost:
             raise OwnerGoneError(f"the zkv owner at {self.address} is gone")
-        local = self._local
-        try:
-            sock = local.sock
-        except AttributeError:
-            sock = self._socket()
+        ts = self._thread_socket()
         self._check_size(frames)
         if self.blob_dir is not None:
             if op == _GET or op == _GET_MANY:
@@ -367,7 +435,7 @@ class Connection:
                     op |= wire.REFS
             else:
                 op, frames = self._spill(op, frames)
-        rid = local.rid = (local.rid + 1) & 0xFFFFFFFF
+        rid = ts.rid = (ts.rid + 1) & 0xFFFFFFFF
         if timeout is None:
             timeout = self.options.timeout
         deadline = time.monotonic() + timeout
@@ -375,8 +443,16 @@ class Connection:
         busy = self._busy
         busy.add(me)
         try:
-            status, results, before, after = self._exchange(sock, rid, op, frames, deadline,
-                                                             timeout)
+            self._send(ts, wire.request(rid, op, frames), deadline)
+            status, results, before, after = self._receive(ts, rid, op, deadline, timeout)
+        except ZkvError:
+            raise  # a timeout or a dead owner: the socket is fine (late replies are dropped)
+        except zmq.ZMQError as exc:
+            self._abandon(ts)
+            raise self._translate(exc) from exc
+        except BaseException:
+            self._abandon(ts)
+            raise
         finally:
             busy.discard(me)
         if status & wire.SPILLED:
@@ -400,11 +476,11 @@ class Connection:
         the same result, with as few Python calls as it takes. Each call on this path costs a
         microsecond or two, not a tenth of one: the wait in ``recv`` leaves the CPU caches
         cold, and a small round trip is only about 100 µs."""
-        local = self._local
-        sock = getattr(local, "sock", None)
-        if sock is None or self._lost or len(arg) > self._small_limit:
+        ts = getattr(self._local, "ts", None)
+        if ts is None or self._lost or len(arg) > self._small_limit:
             return self.request_versioned(op, [arg])
-        rid = local.rid = (local.rid + 1) & 0xFFFFFFFF
+        sock = ts.sock
+        rid = ts.rid = (ts.rid + 1) & 0xFFFFFFFF
         me = _get_ident()
         busy = self._busy
         busy.add(me)
@@ -413,11 +489,10 @@ class Connection:
             try:
                 wire.raw_send(sock, message, _NOBLOCK)
             except zmq.Again:  # the owner is behind: wait for room, up to the timeout
-                self._send(sock, [message], time.monotonic() + self.options.timeout)
-            try:
-                head = sock.recv()
-            except zmq.Again:  # no reply within one slice: wait the watchful way
-                head = None
+                self._send(ts, [message], time.monotonic() + self.options.timeout)
+            # A poll, then a recv that does not wait: a blocking recv would restart its
+            # timeout after every signal (pyzmq retries on EINTR), a poll counts it down.
+            head = sock.recv(_NOBLOCK) if _poll(ts.items, _SLICE_MS) else None
             if head is not None and len(head) >= _REPLY_SIZE:
                 got, status, before, after = _unpack_reply(head)
                 if got == rid and not status & _UNUSUAL:
@@ -429,31 +504,37 @@ class Connection:
                 reply = [head, *wire.recv_rest(sock)] if len(head) > 4 and head[4] & wire.MORE \
                     else [head]
             status, results, before, after = self._receive(
-                sock, rid, op, time.monotonic() + self.options.timeout, self.options.timeout,
+                ts, rid, op, time.monotonic() + self.options.timeout, self.options.timeout,
                 reply)
+        except ZkvError:
+            raise
+        except zmq.ZMQError as exc:
+            self._abandon(ts)
+            raise self._translate(exc) from exc
+        except BaseException:
+            self._abandon(ts)
+            raise
         finally:
             busy.discard(me)
         if status & wire.SPILLED:
             return self._read_named(op, [arg], None, status, results, before, after)
         return status, results, before, after
 
-    def _exchange(self, sock: zmq.Socket[Any], rid: int, op: int, frames: Sequence[Frame],
-                  deadline: float, timeout: float) -> tuple[int, list[Any], int, int]:
-        self._send(sock, wire.request(rid, op, frames), deadline)
-        return self._receive(sock, rid, op, deadline, timeout)
-
-    def _receive(self, sock: zmq.Socket[Any], rid: int, op: int, deadline: float,
+    def _receive(self, ts: _ThreadSocket, rid: int, op: int, deadline: float,
                  timeout: float, reply: list[Any] | None = None
                  ) -> tuple[int, list[Any], int, int]:
         """Wait for the reply to request ``rid`` (starting with ``reply`` if one has already
-        been received), checking every slice that the owner lives."""
+        been received), checking every slice that the owner lives. The deadline is absolute:
+        signals (which make pyzmq restart a blocking recv) do not stretch it."""
+        sock = ts.sock
         while True:
             if reply is None:
-                try:
-                    # Blocks at most _SLICE (the socket's RCVTIMEO). Copying costs nothing
-                    # more: every value is copied once when it is unpickled anyway.
-                    reply = wire.recv_reply(sock)
-                except zmq.Again:
+                wait = min(deadline - time.monotonic(), _SLICE)
+                if wait > 0 and _poll(ts.items, max(1, int(wait * 1000))):
+                    # Copying costs nothing more: every value is copied once when it is
+                    # unpickled anyway.
+                    reply = wire.recv_reply(sock, _NOBLOCK)
+                else:
                     self._check_owner()
                     if time.monotonic() >= deadline:
                         raise ZkvTimeoutError(
@@ -477,12 +558,21 @@ class Connection:
         is too far behind to accept more."""
         if self._lost:
             raise OwnerGoneError(f"the zkv owner at {self.address} is gone")
-        sock = self._socket()
+        ts = self._thread_socket()
         self._check_size(frames)
         if self.blob_dir is not None:
             op, frames = self._spill(op, frames)
         deadline = time.monotonic() + self.options.timeout
-        self._send(sock, wire.request(0, op, frames), deadline)
+        try:
+            self._send(ts, wire.request(0, op, frames), deadline)
+        except ZkvError:
+            raise
+        except zmq.ZMQError as exc:
+            self._abandon(ts)
+            raise self._translate(exc) from exc
+        except BaseException:
+            self._abandon(ts)
+            raise
 
     def _spill(self, op: int, frames: Sequence[Frame]) -> tuple[int, Sequence[Frame]]:
         """``(op, frames)`` with the request's large frames sent by file (zkv.blobs), when
@@ -494,7 +584,10 @@ class Connection:
                 return op | wire.SPILLED, spilled
         return op, frames
 
-    def _send(self, sock: zmq.Socket[Any], frames: list[Frame], deadline: float) -> None:
+    def _send(self, ts: _ThreadSocket, frames: list[Frame], deadline: float) -> None:
+        """Send one message, waiting (up to ``deadline``) while the owner's queue is full.
+        Whatever interrupts it mid-message, the caller abandons the socket (see _abandon)."""
+        sock = ts.sock
         while True:
             try:
                 wire.send_frames(sock, frames)
@@ -504,8 +597,14 @@ class Connection:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ZkvTimeoutError("the zkv owner is not accepting requests (queue full)")
-            sock.poll(int(min(remaining, _SLICE) * 1000), zmq.POLLOUT)
+            _poll([(sock, _POLLOUT)], max(1, int(min(remaining, _SLICE) * 1000)))
             self._check_owner()
+
+    def _translate(self, exc: zmq.ZMQError) -> ZkvError:
+        """A ZeroMQ error on a request, as the zkv error a caller can handle."""
+        if self._closed or exc.errno == zmq.ETERM:
+            return StoreClosedError("this zkv store was closed while a request was running")
+        return ZkvConnectionError(f"the link to the zkv owner at {self.address} failed: {exc}")
 
     def _check_owner(self) -> None:
         if self._closed:
@@ -532,7 +631,7 @@ class Connection:
             linger = 0.0 if self._lost or not self.owner_alive() else self.options.linger
         if not self._lost and hasattr(self, "owner_pid"):
             try:  # best effort, never waiting: the owner also notices a dead process
-                sock = self._watch.session_socket or self._socket()
+                sock = self._watch.session_socket or self._thread_socket().sock
                 sock.send_multipart(wire.request(0, Op.BYE, []), zmq.NOBLOCK)
             except Exception:
                 pass
@@ -543,7 +642,7 @@ class Connection:
         while self._busy - {me} and time.monotonic() < give_up:
             time.sleep(0.01)
         with self._sockets_lock:
-            for _ref, sock in self._sockets.values():
+            for sock in self._sockets.values():
                 sock.close(int(linger * 1000))
             self._sockets.clear()
         self._watch.close(linger)

@@ -51,6 +51,7 @@ _TICK = 0.05  # seconds between housekeeping turns (the longest the poller block
 _LIVENESS_EVERY = 4  # ticks between checks that lock-holding clients are alive
 _SWEEP_EVERY = 100  # ticks between checks of every client session
 _PROBE_MEMORY = 10.0  # seconds an announced probe is awaited, and an answered one remembered
+_LATE_PUBLISH = 30.0  # seconds a session's publishes are still delivered after it ended
 _WAKE_ID = b"\x00zkv-wake"  # routing id of the owner threads' wake socket (clients use 12 bytes)
 _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -181,6 +182,7 @@ class Server:
         self._thread = threading.Thread(target=self._run, name="zkv-owner", daemon=True)
         self._thread_id: int | None = None
         self._sessions: dict[bytes, _Session] = {}
+        self._ended: dict[bytes, float] = {}  # sessions ended lately -> until when publishes pass
         self._ticks = 0
         self._subscriptions: collections.Counter[bytes] = collections.Counter()
         self._watch_topics: list[bytes] = []
@@ -368,7 +370,7 @@ class Server:
             self._check_sessions()
         self.locks.expire(now)
         self._read_subscriptions()
-        for table in (self._expected, self._welcomed):
+        for table in (self._expected, self._welcomed, self._ended):
             for probe, deadline in list(table.items()):
                 if deadline < now:
                     del table[probe]
@@ -422,7 +424,7 @@ class Server:
             self._refuse("message without a header frame")
             return
         routing_id = frames[0]
-        if routing_id[:8] not in self._sessions:
+        if routing_id[:8] not in self._sessions and not self._late_publish(routing_id, frames):
             # Only a peer that completed HELLO may run an operation (one dict lookup here).
             self._greet(routing_id, frames[1:])
             return
@@ -639,6 +641,8 @@ class Server:
 
     def _end_session(self, session: bytes) -> None:
         info = self._sessions.pop(session, None)
+        if info is not None:
+            self._ended[session] = time.monotonic() + _LATE_PUBLISH
         if info is not None and info.fd is not None and self._fd_sessions.get(info.fd) == session:
             del self._fd_sessions[info.fd]
         self.locks.drop_session(session)
@@ -686,6 +690,15 @@ class Server:
             send_frames(self._router, [routing_id, wire.pack_greeting(wire.WELCOME_MAGIC, reply)])
         except zmq.ZMQError as exc:  # peer gone
             log.debug("welcome to %r dropped: %s", routing_id, exc)
+
+    def _late_publish(self, routing_id: bytes, frames: list[Any]) -> bool:
+        """Whether ``frames`` is a PUBLISH from a session that ended lately. A closing client
+        says BYE on one socket while another (of a thread that ended) may still be flushing
+        what it published: those messages come after the BYE and are still delivered."""
+        ended = self._ended.get(routing_id[:8])
+        if ended is None or len(frames[1]) < wire.REQUEST_HEADER.size:
+            return False
+        return frames[1][4] & wire.OP_MASK == Op.PUBLISH and ended > time.monotonic()
 
     def _open_session(self, session: bytes, info: dict[str, Any]) -> dict[str, Any]:
         """Record the session of a client that said HELLO; return what the welcome tells it."""

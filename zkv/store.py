@@ -638,9 +638,10 @@ def connect(endpoint: str | None = None, **options: Any) -> Store:
     """Join an existing store as a client and return it.
 
     ``endpoint`` defaults to ``ZKV_ENDPOINT``, then (in a process that multiprocessing
-    started) to an owner among this process's ancestors. Raises :class:`~zkv.NoOwnerError` if there is no owner to join. A ``tcp://``
-    endpoint needs client credentials (``keys=DIR`` or ``ZKV_KEYS``) and raises
-    :class:`~zkv.AuthenticationError` if they are missing or the owner refuses them.
+    started) to an owner among this process's ancestors. Raises :class:`~zkv.NoOwnerError`
+    if there is no owner to join. A ``tcp://`` endpoint needs client credentials
+    (``keys=DIR`` or ``ZKV_KEYS``) and raises :class:`~zkv.AuthenticationError` if they are
+    missing or the owner refuses them.
     """
     opts = Options.from_env(options)
     address = endpoint or _endpoint.discover()

@@ -59,10 +59,10 @@ from .codec import Frame
 from .errors import ProtocolError, RemoteError
 
 __all__ = [
+    "HELLO_MAGIC",
     "MORE",
     "OP_MASK",
     "PLAIN_VALUES",
-    "HELLO_MAGIC",
     "PROTOCOL_VERSION",
     "REFS",
     "REPLY_HEADER",
