@@ -99,7 +99,7 @@ def _context() -> zmq.Context[Any]:
         soft = 1024
     if soft == resource.RLIM_INFINITY:
         soft = _MAX_SOCKETS
-    ctx.setsockopt(zmq.MAX_SOCKETS, max(1024, min(int(soft), _MAX_SOCKETS)))
+    ctx.set(zmq.MAX_SOCKETS, max(1024, min(int(soft), _MAX_SOCKETS)))
     return ctx
 
 

@@ -1,0 +1,250 @@
+"""Promises that hold at the edges: interrupts, signals, threads (issue "Promises that break
+at the edges"). Each class pins one promise, in real processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+import zmq
+from store_helpers import call_in_child, owner_process
+
+import zkv
+import zkv.testing
+from zkv import wire
+
+SPAWN = mp.get_context("spawn")
+
+
+# -- 1. Ctrl-C in the middle of a send ------------------------------------------------------------
+
+def _interrupted_sends(rounds: int) -> dict[str, Any]:
+    """In a worker: Ctrl-C (a real SIGINT to this process) arrives right after the first frame
+    of a multi-frame message went out, ``rounds`` times, for ``set`` of 100 KB and for
+    ``set_many``; after each, the next calls must get their own replies and the store must hold
+    only what was written whole."""
+    kv = zkv.store()
+    real_send = wire.raw_send
+    state = {"armed": False, "landed": 0}
+
+    def send_and_maybe_interrupt(sock: Any, frame: Any, flags: int = 0, *args: Any) -> Any:
+        result = real_send(sock, frame, flags, *args)
+        if state["armed"] and flags & zmq.SNDMORE:
+            state["armed"] = False
+            state["landed"] += 1  # counted here: the interrupt lands between two frames
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the KeyboardInterrupt is raised in here, at once
+        return result
+
+    wire.raw_send = send_and_maybe_interrupt
+    written: set[bytes] = set()
+    interrupted = 0
+    for i in range(rounds):
+        value = bytes([i % 251]) * 100_000 + b"#%d" % i
+        state["armed"] = True
+        try:
+            if i % 2:
+                kv.set("big", value)
+            else:
+                kv.set_many({"big": value, f"other{i}": i})
+            written.add(value)  # not interrupted (the message had a single frame)
+        except KeyboardInterrupt:
+            interrupted += 1
+        # The next calls get their own replies, at once.
+        kv.set("check", i)
+        assert kv.get("check") == i
+        assert kv.incr("n") == i + 1
+        current = kv.get("big")
+        assert current is None or current in written, "a value nobody wrote was stored"
+        kv.set("big", b"whole%d" % i)
+        written.add(b"whole%d" % i)
+    wire.raw_send = real_send
+    return {"landed": state["landed"], "interrupted": interrupted, "n": kv.get("n"),
+            "others": sorted(k for k in kv if k.startswith("other"))}
+
+
+class TestInterruptedSend:
+    """Ctrl-C in the middle of sending a message: it is sent whole or not at all, the next
+    call gets its own reply, and nothing is stored that nobody wrote."""
+
+    def test_sigint_between_frames(self, kv: zkv.Store) -> None:
+        report = call_in_child(SPAWN, _interrupted_sends, 40, timeout=120)
+        assert report["landed"] == 40  # every interrupt fell between two frames of a message
+        assert report["interrupted"] == 40
+        assert report["n"] == 40
+        assert report["others"] == []  # no interrupted set_many was applied, even in part
+        assert kv["big"] == b"whole39" and kv["check"] == 39
+
+
+# -- 4. Deadlines under frequent signals ----------------------------------------------------------
+
+def _get_under_signals(endpoint: str, timeout: float, ready: Any, go: Any,
+                       waiting: Any) -> dict[str, Any]:
+    """Connect; once told to go, a get with ``timeout`` while a timer signal arrives every
+    50 ms."""
+    kv = zkv.connect(endpoint, timeout=timeout)
+    kv.get("warm")
+    ticks = [0]
+
+    def tick(signum: int, frame: Any) -> None:
+        ticks[0] += 1
+
+    ready.set()
+    assert go.wait(30)
+    signal.signal(signal.SIGALRM, tick)
+    signal.setitimer(signal.ITIMER_REAL, 0.05, 0.05)
+    started = time.monotonic()
+    try:
+        waiting.set()
+        kv.get("x")
+        outcome = "answered"
+    except zkv.ZkvError as exc:
+        outcome = type(exc).__name__
+    finally:
+        elapsed = time.monotonic() - started
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+    return {"outcome": outcome, "elapsed": elapsed, "ticks": ticks[0]}
+
+
+class _Client:
+    """``_get_under_signals`` in a spawned child, driven from a thread of the test."""
+
+    def __init__(self, endpoint: str, timeout: float) -> None:
+        self.ready, self.go, self.waiting = SPAWN.Event(), SPAWN.Event(), SPAWN.Event()
+        self.box: list[Any] = []
+        self.thread = threading.Thread(target=lambda: self.box.append(call_in_child(
+            SPAWN, _get_under_signals, endpoint, timeout, self.ready, self.go, self.waiting,
+            timeout=90)))
+        self.thread.start()
+        assert self.ready.wait(60), "the client did not connect"
+
+    def report(self) -> dict[str, Any]:
+        self.thread.join(90)
+        assert self.box, "the client gave no report"
+        return self.box[0]  # type: ignore[no-any-return]
+
+
+class TestDeadlinesUnderSignals:
+    """A call ends by its timeout, and owner death is seen quickly, however many signals
+    arrive (a blocking recv restarted by each signal would wait forever)."""
+
+    def test_stopped_owner_times_out(self) -> None:
+        with owner_process() as owner:
+            client = _Client(owner.endpoint, 2.0)
+            owner.stop()
+            client.go.set()
+            report = client.report()  # the owner stays stopped all along
+            owner.resume()
+        assert report["outcome"] == "ZkvTimeoutError", report
+        assert report["ticks"] >= 20, report  # the signals did arrive, all along the wait
+        assert 1.9 <= report["elapsed"] < 10, report
+
+    def test_killed_owner_is_seen(self) -> None:
+        with owner_process() as owner:
+            client = _Client(owner.endpoint, 60.0)
+            owner.stop()  # the get waits for a stopped owner ...
+            client.go.set()
+            assert client.waiting.wait(30)
+            owner.kill()  # ... which dies while it waits
+            report = client.report()
+        assert report["outcome"] == "OwnerGoneError", report
+        assert report["ticks"] >= 1, report
+        assert report["elapsed"] < 20, report  # not the 60 s timeout
+
+
+# -- 10. Threads and file descriptors --------------------------------------------------------------
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _short_lived_threads(count: int, concurrent: int) -> dict[str, int]:
+    kv = zkv.store()
+    kv.get("warm")
+    before = _fd_count()
+    sockets_before = len(kv._core.conn._sockets)  # this thread's own
+    errors: list[str] = []
+
+    def one(i: int) -> None:
+        try:
+            kv.set(f"t{i % 10}", i)
+        except Exception as exc:  # any error at all is a failure, raw ZMQError above all
+            errors.append(f"{type(exc).__module__}.{type(exc).__name__}: {exc}")
+
+    done = 0
+    while done < count:
+        batch = [threading.Thread(target=one, args=(done + j,)) for j in range(concurrent)]
+        for thread in batch:
+            thread.start()
+        for thread in batch:
+            thread.join()
+        done += concurrent
+    # Closed sockets give their descriptors back through ZeroMQ's reaper thread, a moment later.
+    try:
+        zkv.testing.wait_for(lambda: _fd_count() <= before + 2, timeout=20)
+    except zkv.ZkvTimeoutError:
+        pass  # reported below
+    return {"before": before, "after": _fd_count(), "errors": len(errors),
+            "first_error": errors[0] if errors else "",
+            "sockets_left": len(kv._core.conn._sockets) - sockets_before}
+
+
+class TestThreadSockets:
+    """Each thread's socket is closed when the thread ends; many threads at once work."""
+
+    @pytest.mark.timeout(180)
+    def test_ten_thousand_short_lived_threads(self, kv: zkv.Store) -> None:
+        report = call_in_child(SPAWN, _short_lived_threads, 10_000, 50, timeout=170)
+        assert report["errors"] == 0, report["first_error"]
+        assert report["sockets_left"] == 0, report
+        assert report["after"] <= report["before"] + 2, report
+
+    @pytest.mark.timeout(120)
+    def test_1200_threads_at_once(self, kv: zkv.Store) -> None:
+        # ZeroMQ's own default stops at 1023 sockets per context, whatever the file limit.
+        report = call_in_child(SPAWN, _many_threads_at_once, 1200, 20_000, timeout=110)
+        assert report["errors"] == [], report
+        assert report["done"] == 1200
+
+    @pytest.mark.timeout(120)
+    def test_out_of_files_is_a_zkv_error(self, kv: zkv.Store) -> None:
+        report = call_in_child(SPAWN, _many_threads_at_once, 1200, 1024, timeout=110)
+        assert report["errors"], "1200 sockets fitted in 1024 files?"
+        assert report["errors"][0].startswith("zkv.errors.ZkvConnectionError: cannot open a "
+                                              "socket"), report
+
+
+def _many_threads_at_once(count: int, files: int) -> dict[str, Any]:
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(files, hard), hard))
+    kv = zkv.store()
+    hold = threading.Barrier(count + 1, timeout=60)
+    errors: list[str] = []
+    done = [0]
+
+    def one(i: int) -> None:
+        try:
+            kv.set(f"t{i}", i)  # every thread holds its socket ...
+            hold.wait()  # ... until all of them have one
+            done[0] += 1
+        except Exception as exc:
+            errors.append(f"{type(exc).__module__}.{type(exc).__name__}: {exc}")
+            hold.abort()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    try:
+        hold.wait()
+    except threading.BrokenBarrierError:
+        pass
+    for thread in threads:
+        thread.join()
+    return {"errors": errors[:3], "done": done[0]}
