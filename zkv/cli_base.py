@@ -186,10 +186,10 @@ class Context:
     def follow(self, sub: Subscriber, line: Callable[[Message], tuple[Any, str]]) -> int:
         """Print a line for every message of ``sub`` as it arrives, until Ctrl-C (exit status
         0) or until the owner is gone (an error). ``line(message)`` gives (JSON data, human
-        line). Messages that cannot be loaded here, and messages lost because this command fell
-        behind, are reported on stderr."""
-        if self.stderr.isatty():
-            self.note("listening; Ctrl-C to stop")
+        line). A note on stderr says when the subscription is live; messages that cannot be
+        loaded here, and messages lost because this command fell behind, are reported there
+        too."""
+        self.note("listening (Ctrl-C to stop)")  # on stderr, once the subscription is live
         dropped = 0
         try:
             with sub:
