@@ -8,11 +8,11 @@ STAMP  := $(VENV)/.installed-dev
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --upgrade pip  # dependency groups need pip >= 25.1
+	$(BIN)/python -m pip install --quiet -e . --group dev
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install zkv with its test tools
+install: $(STAMP)  ## create .venv: zkv (editable) with its test, lint and docs tools
 
 demo: $(STAMP)  ## a worker pool sharing one store
 	$(BIN)/python examples/pool_demo.py
@@ -20,9 +20,13 @@ demo: $(STAMP)  ## a worker pool sharing one store
 test: $(STAMP)  ## the whole test suite (every test has a timeout)
 	$(BIN)/python -m pytest
 
+# The chart goes to bench-results.png (ignored by git); `make bench CHART=docs/benchmarks.png`
+# updates the one in the docs.
+CHART ?= bench-results.png
+
 bench: $(STAMP)  ## zkv side by side with Manager, Pipe, bare pyzmq and Redis
-	$(BIN)/python -m pip install --quiet -e '.[dev,plot]'
-	$(BIN)/python -m zkv bench --json bench-results.json --plot docs/benchmarks.png
+	$(BIN)/python -m pip install --quiet -e '.[bench]' --group dev
+	$(BIN)/python -m zkv bench --json bench-results.json --plot $(CHART)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m zkv bench --quick
@@ -31,11 +35,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check zkv tests examples
 	$(BIN)/mypy
 
-docs: $(STAMP)  ## regenerate docs/api.md from the docstrings
+docs: $(STAMP)  ## docs/api.md from the docstrings, then the site (MkDocs, strict) in site/
 	$(BIN)/python docs/gen_api.py
+	$(BIN)/python -m mkdocs build --strict --quiet
+	@echo "site/index.html"
 
 soak: $(STAMP)  ## 10 minutes of mixed load; memory, fds and threads must stay flat
 	$(BIN)/python examples/soak.py --minutes 10
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist site *.egg-info
