@@ -66,6 +66,8 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
         site = _site_target(repo_path)
         if site is None:  # a folder: name it
             text = opening[opening.index("[") + 1:-2]
+            if text.strip("`").rstrip("/") == repo_path:
+                return f"`{repo_path}/`"
             return f"{text} (`{repo_path}/`)"
         relative = posixpath.relpath(site, posixpath.dirname(page.file.src_uri) or ".")
         return f"{opening}{relative}{anchor})"
