@@ -26,18 +26,36 @@ import dataclasses
 import inspect
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from .cli_format import parse_value, render
 from .cli_owners import resolve
 from .errors import DecodeError, EncodeError, SerializationError
-from .pubsub import Message, Subscriber
+from .pubsub import Message
 from .store import Store, connect
 
-__all__ = ["COMMANDS", "Arg", "Command", "Context", "arg", "command", "unshowable"]
+__all__ = ["COMMANDS", "Arg", "Command", "Context", "Stream", "arg", "command", "unshowable"]
 
 #: What a command does: given its context, return the exit status.
 Run = Callable[["Context"], int]
+
+
+class Stream(Protocol):
+    """What :meth:`Context.follow` prints from: a :class:`~zkv.Subscriber`, or anything that
+    receives :class:`~zkv.Message` objects the same way."""
+
+    @property
+    def dropped(self) -> int:
+        """Messages lost so far because the reader fell behind."""
+        ...
+
+    def receive_message(self, timeout: float | None = None) -> Message:
+        """The next message; waits for it (None: as long as it takes)."""
+        ...
+
+    def close(self) -> None:
+        """Stop receiving (idempotent)."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +201,7 @@ class Context:
         self.note(f"{exc}{hint}")
         return 1
 
-    def follow(self, sub: Subscriber, line: Callable[[Message], tuple[Any, str]]) -> int:
+    def follow(self, sub: Stream, line: Callable[[Message], tuple[Any, str]]) -> int:
         """Print a line for every message of ``sub`` as it arrives, until Ctrl-C (exit status
         0) or until the owner is gone (an error). ``line(message)`` gives (JSON data, human
         line). A note on stderr says when the subscription is live; messages that cannot be
@@ -192,20 +210,21 @@ class Context:
         self.note("listening (Ctrl-C to stop)")  # on stderr, once the subscription is live
         dropped = 0
         try:
-            with sub:
-                for message in _messages(sub, self):
-                    data, human = line(message)
-                    self.emit(data, human)
-                    if sub.dropped != dropped:
-                        self.note(f"lost {sub.dropped - dropped} message(s): this command "
-                                  "fell behind")
-                        dropped = sub.dropped
+            for message in _messages(sub, self):
+                data, human = line(message)
+                self.emit(data, human)
+                if sub.dropped != dropped:
+                    self.note(f"lost {sub.dropped - dropped} message(s): this command fell "
+                              "behind")
+                    dropped = sub.dropped
         except KeyboardInterrupt:
             return 0
-        return 0
+        finally:
+            sub.close()
+        return 0  # pragma: no cover - the loop above ends only by an exception
 
 
-def _messages(sub: Subscriber, cx: Context) -> Iterator[Message]:
+def _messages(sub: Stream, cx: Context) -> Iterator[Message]:
     while True:
         try:
             yield sub.receive_message()
