@@ -193,6 +193,7 @@ class TestUsage:
 
     @pytest.mark.parametrize(("args", "says"), [
         ([], "usage: zkv"),
+        (["--json"], "a COMMAND is needed"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["get"], "the following arguments are required: KEY"),
         (["set", "k", "hello"], "--str"),

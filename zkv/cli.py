@@ -14,6 +14,7 @@ program killed by SIGPIPE.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import platform
@@ -124,12 +125,9 @@ def _silence_stdout() -> None:
     """After the reader of stdout went away: send what is still buffered nowhere, so that
     the interpreter's last flush does not fail again at exit."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
+    with contextlib.suppress(OSError, ValueError):  # stdout may be closed or replaced
         os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-    finally:
-        os.close(devnull)
+    os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,6 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns = parser.parse_args(args)
     except SystemExit as exc:  # --help, --version (0) and usage errors (2, already printed)
         return exc.code if isinstance(exc.code, int) else 2
+    if ns.command is None:  # options, but no command
+        parser.print_usage(sys.stderr)
+        print("zkv: a COMMAND is needed (zkv --help lists them)", file=sys.stderr)
+        return 2
     if ns.command in TOOLS:
         parser.print_usage(sys.stderr)
         print(f"zkv: {ns.command} takes its own options, after its name (zkv {ns.command} "
@@ -168,10 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cx.note(str(exc) or type(exc).__name__)
         return 1
     finally:
-        try:
+        with contextlib.suppress(KeyboardInterrupt, ZkvError, OSError):  # exiting anyway
             cx.close()
-        except (KeyboardInterrupt, ZkvError, OSError):
-            pass
 
 
 if __name__ == "__main__":  # pragma: no cover

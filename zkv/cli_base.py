@@ -161,7 +161,8 @@ class Context:
 
     def value(self) -> Any:
         """The ``VALUE`` argument, read as its switches say (see :mod:`zkv.cli_format`)."""
-        how = "str" if self.args.str else "json" if self.args.json else "literal"
+        how = "str" if self.args.str else "json" if getattr(self.args, "json", False) \
+            else "literal"
         return parse_value(self.args.value, how, self.stdin)
 
     # -- output --------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ parser, ``zkv --help``, the error handling and the exit statuses come with it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from typing import Any
@@ -24,14 +25,12 @@ __all__ = ["delete", "get", "incr", "keys", "ls", "ping", "pub", "set_", "stats"
 
 
 def _number(text: str) -> int | float:
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an int or a float: {text!r}") from None
+    """An ``AMOUNT``: an int if it reads as one, else a float."""
+    kind: type[int] | type[float]
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(text)
+    raise argparse.ArgumentTypeError(f"not an int or a float: {text!r}")
 
 
 # -- keys and values ---------------------------------------------------------------------------
