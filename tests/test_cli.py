@@ -424,6 +424,7 @@ class TestTarget:
         assert ok("get", "x", env={**private_env, "ZKV_ENDPOINT": first}) == "1\n"
 
     def test_no_owner(self, private_env: dict[str, str]) -> None:
+        assert run("set", "x", "bare word", env=private_env).returncode == 2  # usage first
         done = run("get", "x", env=private_env)
         assert done.returncode == 1 and done.stdout == ""
         assert "no live zkv owner" in done.stderr and "zkv serve" in done.stderr

@@ -53,7 +53,8 @@ def get(cx: Context) -> int:
 def set_(cx: Context) -> int:
     """Set KEY to VALUE: a Python literal (42, 'text', {'a': [1, 2]}), the text itself with
     --str, or JSON with --json; - reads VALUE from standard input."""
-    cx.store.set(cx.args.key, cx.value())
+    value = cx.value()  # a bad VALUE is a usage error, owner or not
+    cx.store.set(cx.args.key, value)
     return 0
 
 
@@ -109,11 +110,12 @@ def keys(cx: Context) -> int:
 def pub(cx: Context) -> int:
     """Publish VALUE (read as for `zkv set`) on CHANNEL, to every subscriber in every
     process."""
-    cx.store.publish(cx.args.channel, cx.value())
+    value = cx.value()  # a bad VALUE is a usage error, owner or not
+    cx.store.publish(cx.args.channel, value)
     return 0
 
 
-def _message_line(cx: Context, message: Message) -> tuple[Any, str]:
+def _message_line(message: Message) -> tuple[Any, str]:
     return ({"channel": message.channel, "seq": message.seq, "data": message.data},
             f"{show_name(message.channel)} {render(message.data, False)}")
 
@@ -129,7 +131,7 @@ def sub(cx: Context) -> int:
     channels: list[str] = cx.args.channels
     subscriber = cx.store.subscribe(prefix=channels) if cx.args.prefix \
         else cx.store.subscribe(*channels)
-    return cx.follow(subscriber, lambda message: _message_line(cx, message))
+    return cx.follow(subscriber, _message_line)
 
 
 def _change_line(message: Message) -> tuple[Any, str]:
