@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import os
 import re
-import socket
 import stat
 import tempfile
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from . import endpoint
 from .cli_format import UsageError
+from .errors import NoOwnerError
 
 __all__ = ["Owner", "TargetError", "format_uptime", "live_owners", "resolve", "search_dirs"]
 
@@ -69,16 +69,12 @@ def search_dirs(environ: Mapping[str, str] | None = None) -> list[Path]:
     return found
 
 
-def _listening(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _listening(address: str) -> bool:
     try:
-        probe.settimeout(1.0)
-        probe.connect(str(path))
-        return True
-    except OSError:
+        endpoint.check_ipc_reachable(endpoint.parse(address))
+    except NoOwnerError:
         return False
-    finally:
-        probe.close()
+    return True
 
 
 def live_owners(environ: Mapping[str, str] | None = None) -> list[Owner]:
@@ -95,9 +91,10 @@ def live_owners(environ: Mapping[str, str] | None = None) -> list[Owner]:
                     info = sock.lstat()
                 except OSError:
                     continue
-                pid = int(match.group(1))
-                if stat.S_ISSOCK(info.st_mode) and endpoint.pid_alive(pid) and _listening(sock):
-                    owners.append(Owner(pid, f"ipc://{sock}", info.st_mtime))
+                pid, address = int(match.group(1)), f"ipc://{sock}"
+                if stat.S_ISSOCK(info.st_mode) and endpoint.pid_alive(pid) \
+                        and _listening(address):
+                    owners.append(Owner(pid, address, info.st_mtime))
     return sorted(owners, key=lambda owner: (owner.started, owner.pid))
 
 
