@@ -2,11 +2,19 @@
 
 ``python docs/gen_api.py --check`` exits 1 if docs/api.md is out of date (the test suite runs
 it, so the reference cannot drift from the code).
+
+Why a script of our own rather than mkdocstrings: zkv's docstrings are written in reST
+(``:class:`~zkv.Store```, double backticks), which this script turns into Markdown; the result
+is a plain Markdown file that reads the same on the documentation site and in the repository,
+and that a test keeps fresh. It runs in well under a second.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import importlib
 import inspect
 import re
 import sys
@@ -17,45 +25,80 @@ import zkv
 
 OUT = Path(__file__).with_name("api.md")
 
-SECTIONS: list[tuple[str, list[str]]] = [
-    ("Getting a store", ["store", "serve", "connect", "shared_memory"]),
-    ("The store", ["Store", "Pipeline", "Lock", "MISSING"]),
-    ("Publish / subscribe", ["Subscriber", "Message", "Change"]),
-    ("Settings", ["Options"]),
-    ("Errors", ["ZkvError", "ZkvConnectionError", "NoOwnerError", "OwnerGoneError",
-                "AuthenticationError", "ZkvTimeoutError", "SerializationError", "EncodeError",
-                "DecodeError", "MessageTooLargeError", "StoreClosedError", "LockError",
-                "ProtocolError", "RemoteError"]),
-    ("Compatibility with the original module", ["KeyValueStore", "GlobalKeyValueStore"]),
+#: (section title, intro, names): a name is ``zkv.NAME`` unless it is a dotted path.
+SECTIONS: list[tuple[str, str, list[str]]] = [
+    ("Getting a store", "", ["store", "serve", "connect", "shared_memory"]),
+    ("The store", "", ["Store", "Pipeline", "Lock", "MISSING"]),
+    ("Publish / subscribe", "", ["Subscriber", "Message", "Change"]),
+    ("Settings", "", ["Options"]),
+    ("Testing helpers", "`zkv.testing` gives a test a store of its own; see the pytest "
+     "fixture in [recipes.md](recipes.md#a-pytest-fixture-with-a-private-store).",
+     ["zkv.testing.private_store", "zkv.testing.wait_for"]),
+    ("Credentials for tcp", "The `keys` option (or `ZKV_KEYS`) takes a directory made by "
+     "`zkv keygen`, or key material given directly, as these classes (see "
+     "[security.md](security.md)).", ["zkv.auth.OwnerKeys", "zkv.auth.ClientKeys"]),
+    ("Errors", "", ["ZkvError", "ZkvConnectionError", "NoOwnerError", "OwnerGoneError",
+                    "AuthenticationError", "ZkvTimeoutError", "SerializationError",
+                    "EncodeError", "DecodeError", "MessageTooLargeError", "StoreClosedError",
+                    "LockError", "ProtocolError", "RemoteError"]),
+    ("Compatibility with the original module", "", ["KeyValueStore", "GlobalKeyValueStore"]),
 ]
 
+#: Members whose code has no docstring yet: what the reference says about them.
+FALLBACK_DOCS: dict[tuple[str, str], str] = {
+    ("Store", "options"): "The settings of this store (`Options`), from the keyword "
+                          "arguments of `serve`/`connect` and the environment.",
+    ("Store", "closed"): "True once `close` was called in this process; every operation then "
+                         "raises `StoreClosedError`.",
+    ("Subscriber", "closed"): "True once `close` (or `unsubscribe`) was called.",
+    ("OwnerKeys", "__init__"): "`secret_key`: the owner's secret key; `clients`: the public "
+                               "keys it lets in, or a directory of `*.key` files. ValueError "
+                               "names a key that is not a 40-character Z85 CURVE key.",
+    ("ClientKeys", "__init__"): "ValueError names a key that is not a 40-character Z85 CURVE "
+                                "key, or says that `public_key` does not belong to "
+                                "`secret_key`.",
+    ("Pipeline", "contains"): "Queue `key in store`; its result (True or False) goes to "
+                              "`results`.",
+}
 
-_ROLE = re.compile(r":(?:class|meth|func|attr|mod|data|exc):`~?([\w.]+)`")
+#: Members left out: used through the class's own protocol (documented in its docstring).
+SKIPPED = {"__enter__", "__iter__", "__aiter__", "timeout_ms"}
+
+_ROLE = re.compile(r":(?:class|meth|func|attr|mod|data|exc):`(~?)([\w.]+)`")
+_NOISE = ("typing.", "collections.abc.", "zkv.store.", "zkv.locks.", "zkv.pubsub.",
+          "zkv.config.", "zkv.auth.", "asyncio.events.", "os.")
 
 
-def _doc(obj: Any) -> str:
-    """The docstring, with reST roles and double backticks turned into Markdown code."""
-    text = inspect.cleandoc(obj.__doc__ or "").strip()
+def _markdown(text: str) -> str:
+    """reST roles and double backticks turned into Markdown code."""
     def code(match: re.Match[str]) -> str:
-        name = match.group(1)
-        return f"`{name.split('.')[-1] if '~' in match.group(0) else name}`"
+        name = match.group(2)
+        return f"`{name.split('.')[-1] if match.group(1) else name}`"
 
     return _ROLE.sub(code, text).replace("``", "`")
 
 
+def _doc(obj: Any) -> str:
+    return _markdown(inspect.cleandoc(obj.__doc__ or "").strip())
+
+
 def _signature(obj: Any) -> str:
+    """The signature as a reader wants it: short type names, real defaults."""
     try:
         sig = inspect.signature(obj, eval_str=True)
-    except Exception:
+    except (NameError, TypeError, ValueError):
         try:
             sig = inspect.signature(obj)
         except (TypeError, ValueError):
             return "(...)"
     text = str(sig)
-    for noise in ("typing.", "collections.abc.", "zkv.store.", "zkv.locks.", "zkv.pubsub.",
-                  "zkv.config.", "asyncio.events."):
+    wrapped = getattr(obj, "__wrapped__", None)
+    if wrapped is not None and inspect.isgeneratorfunction(wrapped):  # @contextmanager
+        text = re.sub(r"-> Iterator\[(.*)\]$", r"-> ContextManager[\1]",
+                      text.replace("collections.abc.", ""))
+    for noise in _NOISE:
         text = text.replace(noise, "")
-    return text.replace("'", "")
+    return text.replace("~", "")  # TypeVars: F, not ~F
 
 
 def _item(head: str, doc: str) -> list[str]:
@@ -67,13 +110,87 @@ def _item(head: str, doc: str) -> list[str]:
 def _members(cls: type) -> list[tuple[str, Any]]:
     out = []
     for name, member in vars(cls).items():
-        if name.startswith("_") and name not in ("__enter__", "__iter__", "__aiter__"):
+        if name in SKIPPED or (name.startswith("_") and name != "__init__"):
             continue
-        if isinstance(member, property):
-            out.append((name, member))
-        elif inspect.isfunction(member) or isinstance(member, (staticmethod, classmethod)):
+        if name == "__init__" and (cls.__name__, name) not in FALLBACK_DOCS \
+                and not (member.__doc__ or "").strip():
+            continue  # made by zkv, not by the caller
+        if isinstance(member, property) or inspect.isfunction(member) \
+                or isinstance(member, (staticmethod, classmethod)):
             out.append((name, member))
     return out
+
+
+def _resolve(name: str) -> tuple[str, Any]:
+    """(the name as written in the docs, the object) for ``NAME`` or ``module.NAME``."""
+    if "." not in name:
+        return f"zkv.{name}", getattr(zkv, name)
+    module, _dot, attr = name.rpartition(".")
+    return name, getattr(importlib.import_module(module), attr)
+
+
+def _rst_table(text: str) -> list[list[str]]:
+    """The rows of the first reST simple table in ``text`` (continuation lines joined)."""
+    lines = text.splitlines()
+    borders = [i for i, line in enumerate(lines) if re.fullmatch(r"=+( +=+)+", line.strip())]
+    if len(borders) < 3:
+        return []
+    spans = [m.span() for m in re.finditer(r"=+", lines[borders[0]])]
+    rows: list[list[str]] = []
+    for line in lines[borders[1] + 1:borders[2]]:
+        cells = [line[a:b if i + 1 < len(spans) else None].strip()
+                 for i, (a, b) in enumerate(spans)]
+        if cells[0] or not rows:
+            rows.append(cells)
+        else:
+            rows[-1] = [f"{old} {new}".strip() for old, new in zip(rows[-1], cells, strict=True)]
+    return rows
+
+
+def _options_fields(cls: type) -> list[str]:
+    """The fields of :class:`zkv.Options` as a Markdown table, from the config module's."""
+    described = {row[0].strip("`"): row for row in _rst_table(sys.modules[cls.__module__]
+                                                              .__doc__ or "")}
+    lines = ["| field | environment variable | default | meaning |", "|---|---|---|---|"]
+    for field in dataclasses.fields(cls):
+        row = described.get(field.name)
+        if row is None:
+            raise SystemExit(f"gen_api: Options.{field.name} is not in the table of "
+                             f"{cls.__module__}'s docstring")
+        var, default, meaning = (_markdown(cell) for cell in row[1:4])
+        lines.append(f"| `{field.name}` | {var} | {default} | {meaning} |")
+    return [*lines, ""]
+
+
+def _class(written: str, cls: type) -> list[str]:
+    bases = [b.__name__ for b in cls.__bases__ if b is not object]
+    suffix = f"({', '.join(bases)})" if bases and issubclass(cls, BaseException) else ""
+    lines = [f"### class `{written}`{suffix}", "", _doc(cls), ""]
+    if issubclass(cls, BaseException):
+        return lines
+    if dataclasses.is_dataclass(cls) and cls is zkv.Options:
+        lines += _options_fields(cls)
+    store_docs = {name: _doc(member).split("\n\n")[0] for name, member in _members(zkv.Store)}
+    for name, member in _members(cls):
+        func = member.fget if isinstance(member, property) else member
+        if isinstance(func, staticmethod):
+            func = func.__func__
+        if isinstance(func, classmethod):
+            func = getattr(cls, name)  # bound: no cls in the signature
+        doc = _doc(func) or FALLBACK_DOCS.get((cls.__name__, name), "")
+        if not doc and cls is zkv.Pipeline and name in store_docs:
+            doc = f"Queue `Store.{name}`; its result goes to `results`."
+        if not doc:
+            raise SystemExit(f"gen_api: {cls.__name__}.{name} has no docstring: write one "
+                             "(or add it to FALLBACK_DOCS or SKIPPED)")
+        if isinstance(member, property):
+            lines += _item(f"**`{name}`** (property)", doc)
+        else:
+            sig = _signature(func).replace("(self, ", "(").replace("(self)", "()")
+            head = f"{cls.__name__}{sig.removesuffix(' -> None')}" if name == "__init__" \
+                else f"{name}{sig}"
+            lines += _item(f"**`{head}`**", doc)
+    return lines
 
 
 def render() -> str:
@@ -86,8 +203,10 @@ def render() -> str:
     ]
     documented: set[str] = set()
     seen: dict[int, str] = {}
-    for title, names in SECTIONS:
+    for title, intro, names in SECTIONS:
         lines += [f"## {title}", ""]
+        if intro:
+            lines += [intro, ""]
         for name in names:
             documented.add(name)
             if name == "shared_memory":
@@ -95,7 +214,7 @@ def render() -> str:
                           "The process-wide store under the name the original module used: "
                           "the same object as `zkv.store()`, made on first use.", ""]
                 continue
-            obj = getattr(zkv, name)
+            written, obj = _resolve(name)
             if name == "MISSING":
                 lines += ["### `zkv.MISSING`", "", "Marks an absent key: "
                           "`compare_and_set(key, zkv.MISSING, value)` creates `key` only if it "
@@ -103,30 +222,13 @@ def render() -> str:
                           "KeyError.", ""]
                 continue
             if id(obj) in seen:
-                lines += [f"### `zkv.{name}`", "", f"The same object as `zkv.{seen[id(obj)]}`.", ""]
+                lines += [f"### `{written}`", "", f"The same object as `{seen[id(obj)]}`.", ""]
                 continue
-            seen[id(obj)] = name
+            seen[id(obj)] = written
             if inspect.isclass(obj):
-                bases = [b.__name__ for b in obj.__bases__ if b is not object]
-                suffix = f"({', '.join(bases)})" if bases and issubclass(obj, BaseException) \
-                    else ""
-                lines += [f"### class `zkv.{name}`{suffix}", "", _doc(obj), ""]
-                if issubclass(obj, BaseException):
-                    continue
-                for member_name, member in _members(obj):
-                    func = member.fget if isinstance(member, property) else member
-                    if isinstance(func, (staticmethod, classmethod)):
-                        func = func.__func__
-                    doc = _doc(func)
-                    if not doc:
-                        continue
-                    if isinstance(member, property):
-                        lines += _item(f"**`{member_name}`** (property)", doc)
-                    else:
-                        sig = _signature(func).replace("(self, ", "(").replace("(self)", "()")
-                        lines += _item(f"**`{member_name}{sig}`**", doc)
+                lines += _class(written, obj)
             else:
-                lines += [f"### `zkv.{name}{_signature(obj)}`", "", _doc(obj), ""]
+                lines += [f"### `{written}{_signature(obj)}`", "", _doc(obj), ""]
     missing = sorted(set(zkv.__all__) - documented - {"__version__"})
     if missing:
         raise SystemExit(f"gen_api: public names without a section: {missing}")
@@ -149,4 +251,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

@@ -18,6 +18,7 @@ keep code written against the original ``shared_memory`` module working.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ._version import __version__
@@ -43,6 +44,9 @@ from .locks import Lock
 from .pubsub import Change, Message, Subscriber
 from .state import MISSING
 from .store import Pipeline, Store, connect, serve, store
+
+# zkv logs, and writes nothing to stderr unless the application configured logging.
+logging.getLogger("zkv").addHandler(logging.NullHandler())
 
 __all__ = [
     "MISSING",

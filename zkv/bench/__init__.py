@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
                            "mean nothing)")
     p.add_argument("--json", metavar="FILE", help="write every raw sample to FILE")
     p.add_argument("--plot", metavar="FILE.png",
-                   help="draw zkv's ratios to FILE.png (needs matplotlib: zkv[plot])")
+                   help="draw zkv's ratios to FILE.png (needs matplotlib: the zkv[bench] extra)")
     p.add_argument("--only", metavar="PATTERNS",
                    help="comma-separated row ids or shell patterns (e.g. 'child_*,pub_*')")
     p.add_argument("--reps", type=int, metavar="N", help="repetitions per subject")

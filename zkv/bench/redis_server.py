@@ -44,10 +44,11 @@ class RedisServer:
             import redis
         except ImportError:
             raise RedisUnavailable("the redis Python package is not installed "
-                                   "(pip install 'zkv[dev]')") from None
+                                   "(pip install 'zkv[bench]')") from None
         path = shutil.which("redis-server")
         if path is None:
-            raise RedisUnavailable("redis-server is not on PATH")
+            raise RedisUnavailable("redis-server is not on PATH (install it: apt-get install "
+                                   "redis-server)")
         self._dir = tempfile.mkdtemp(prefix="zkv-bench-redis-")
         self.socket_path = os.path.join(self._dir, "redis.sock")
         args = [path, "--save", "", "--appendonly", "no", "--port", "0",

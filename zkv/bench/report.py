@@ -158,7 +158,7 @@ def plot(results: Sequence[RowResult], path: str, machine: dict[str, Any],
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
-        return "matplotlib is not installed (pip install 'zkv[plot]'): no chart drawn"
+        return "matplotlib is not installed (pip install 'zkv[bench]'): no chart drawn"
     labels: list[str] = []
     ratios: list[float] = []
     marks: list[float | None] = []
