@@ -248,3 +248,165 @@ def _many_threads_at_once(count: int, files: int) -> dict[str, Any]:
     for thread in threads:
         thread.join()
     return {"errors": errors[:3], "done": done[0]}
+
+
+# -- 2. A function run by the owner cannot wedge it ------------------------------------------------
+
+def _lock_inside_modify(value: Any) -> Any:
+    with zkv.store().lock("L"):  # held by another process: would wait for the owner forever
+        return value
+
+
+def _subscribe_inside_transact(view: Any) -> Any:
+    zkv.store().subscribe("news")
+
+
+def _try_lock_inside_modify(value: Any) -> Any:
+    lock = zkv.store().lock("L")
+    return ("free" if lock.acquire(blocking=False) else "held")
+
+
+def _hold_lock(ready: Any, release: Any) -> None:
+    kv = zkv.store()
+    with kv.lock("L"):
+        ready.set()
+        release.wait(60)
+
+
+def _client_calls(calls: list[str]) -> list[str]:
+    kv = zkv.store()
+    out = []
+    for call in calls:
+        started = time.monotonic()
+        try:
+            if call == "lock":
+                kv.modify("k", _lock_inside_modify)
+            elif call == "subscribe":
+                kv.transact(_subscribe_inside_transact)
+            elif call == "trylock":
+                out.append(kv.modify("k", _try_lock_inside_modify))
+                continue
+            out.append("returned")
+        except zkv.ReentrancyError as exc:
+            assert "would wait for the zkv owner" in str(exc)
+            out.append(f"refused in {time.monotonic() - started:.1f}s")
+    return out
+
+
+class TestOwnerRunCode:
+    """A function the owner runs (modify, transact) cannot wedge it: calls that would wait for
+    the owner raise ReentrancyError at once, and every process keeps being served."""
+
+    def test_from_a_client(self, kv: zkv.Store) -> None:
+        ready, release = SPAWN.Event(), SPAWN.Event()
+        holder = SPAWN.Process(target=_hold_lock, args=(ready, release))
+        holder.start()
+        try:
+            assert ready.wait(30)
+            results = call_in_child(SPAWN, _client_calls, ["lock", "subscribe", "trylock"],
+                                    timeout=60)
+            assert results[0].startswith("refused in") and results[1].startswith("refused in")
+            assert max(float(r.split()[2][:-1]) for r in results[:2]) < 5, results
+            assert results[2] == "held"
+            kv.set("still", "served")  # the owner was never wedged
+            assert call_in_child(SPAWN, _get, "still") == "served"
+        finally:
+            release.set()
+            holder.join(30)
+        assert kv.lock("L", timeout=30).acquire()  # the holder's release went through
+
+    def test_in_the_owner(self, kv: zkv.Store) -> None:
+        ready, release = SPAWN.Event(), SPAWN.Event()
+        holder = SPAWN.Process(target=_hold_lock, args=(ready, release))
+        holder.start()
+        try:
+            assert ready.wait(30)
+            with pytest.raises(zkv.ReentrancyError):
+                kv.modify("k", _lock_inside_modify)
+            with pytest.raises(zkv.ReentrancyError):
+                kv.transact(_subscribe_inside_transact)
+            with pytest.raises(zkv.ReentrancyError):
+                kv.transact(lambda view: kv.close())
+            assert not kv.closed
+            assert "k" not in kv  # the failed modify changed nothing
+            assert call_in_child(SPAWN, _get, "k", "absent") == "absent"
+        finally:
+            release.set()
+            holder.join(30)
+
+
+def _get(key: str, default: Any = None) -> Any:
+    return zkv.store().get(key, default)
+
+
+# -- 6. A lock held across fork --------------------------------------------------------------------
+
+def _child_leaves_block() -> str:
+    kv = zkv.store()
+    lock = kv.lock("L")
+    assert lock.acquire()
+    outcome = "no error"
+    pid = os.fork()
+    if pid == 0:
+        try:
+            lock.release()
+        except zkv.LockError as exc:
+            os.write(1, b"")  # (nothing to print: the exit code says it)
+            os._exit(3 if "cannot release it" in str(exc) and not lock.locked() else 4)
+        os._exit(5)
+    _pid, status = os.waitpid(pid, 0)
+    outcome = {3: "LockError", 4: "wrong LockError", 5: "released"}.get(
+        os.waitstatus_to_exitcode(status), "crashed")
+    held_here = lock.locked()
+    other = zkv.store().lock("L").acquire(blocking=False)
+    lock.release()
+    return f"{outcome} held={held_here} other-got-it={other}"
+
+
+class TestLockAcrossFork:
+    """A lock belongs to the process that acquired it: a child forked while it is held cannot
+    release it (LockError), and the parent keeps it."""
+
+    def test_child_release_is_refused(self, kv: zkv.Store) -> None:
+        result = call_in_child(SPAWN, _child_leaves_block, timeout=60)
+        assert result == "LockError held=True other-got-it=False", result
+        assert kv.lock("L").acquire(blocking=False)  # released by its holder, the parent
+
+
+# -- 8. Settings are validated ---------------------------------------------------------------------
+
+class TestSettings:
+    """Every setting is validated when the store is made, with an error naming it."""
+
+    @pytest.mark.parametrize(("name", "value"), [
+        ("timeout", float("nan")), ("timeout", 0), ("timeout", -1), ("timeout", "1"),
+        ("linger", float("nan")), ("linger", float("inf")), ("linger", -0.5),
+        ("heartbeat", float("nan")), ("heartbeat", float("inf")), ("hwm", 0),
+        ("max_message_size", 1.5), ("blob_threshold", -1)])
+    def test_bad_values(self, name: str, value: Any) -> None:
+        with pytest.raises(ValueError, match=name):
+            zkv.serve(**{name: value})
+        assert "ZKV_ENDPOINT" not in os.environ
+
+    @pytest.mark.parametrize(("var", "raw"), [("ZKV_TIMEOUT", "nan"), ("ZKV_LINGER", "inf"),
+                                              ("ZKV_TIMEOUT", "-3")])
+    def test_bad_environment(self, monkeypatch: pytest.MonkeyPatch, var: str, raw: str) -> None:
+        monkeypatch.setenv(var, raw)
+        with pytest.raises(ValueError, match=f"{var}={raw}"):
+            zkv.serve()
+
+    def test_infinite_timeout_is_a_wait_without_limit(self) -> None:
+        with zkv.serve(timeout=float("inf")) as kv:
+            kv.set("a", 1)
+            with zkv.connect(kv.endpoint, timeout=float("inf")) as client:
+                assert client.get("a") == 1
+                with client.lock("L", timeout=float("inf")):
+                    assert not kv.lock("L").acquire(timeout=0.01)
+
+    @pytest.mark.parametrize("value", [float("nan"), -2, "soon"])
+    def test_bad_lock_timeouts(self, kv: zkv.Store, value: Any) -> None:
+        with pytest.raises(ValueError, match="timeout"):
+            kv.lock("L", timeout=value)
+        with pytest.raises(ValueError, match="timeout"):
+            kv.lock("L").acquire(timeout=value)
+        assert kv.lock("L").acquire(blocking=False)  # nothing was taken

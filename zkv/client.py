@@ -35,7 +35,7 @@ from typing import Any
 
 import zmq
 
-from . import auth, blobs, codec, endpoint, wire
+from . import auth, blobs, codec, endpoint, reentry, wire
 from .codec import Frame
 from .config import Options
 from .errors import (
@@ -230,6 +230,7 @@ class Connection:
     """
 
     def __init__(self, address: str, options: Options) -> None:
+        reentry.refuse("connecting to a zkv owner")
         self.address = address
         self.options = options
         self.endpoint = endpoint.parse(address)

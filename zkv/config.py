@@ -49,6 +49,12 @@ _ENV = {
     "blob_threshold": "ZKV_BLOB_THRESHOLD",
 }
 _FLOATS = ("timeout", "linger", "heartbeat")
+#: ZeroMQ takes linger in int32 milliseconds.
+_MAX_LINGER = 3600.0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +70,14 @@ class Options:
     blob_threshold: int = 1 << 20
 
     def __post_init__(self) -> None:
-        for name in ("timeout", "linger"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a number of seconds >= 0, not {value!r}")
-        if self.timeout == 0:
-            raise ValueError("timeout must be > 0 seconds")
+        timeout = self.timeout
+        if not _is_number(timeout) or not timeout > 0:  # NaN is not > 0
+            raise ValueError(f"timeout must be a number of seconds > 0 (inf: wait as long as "
+                             f"the owner lives), not {timeout!r}")
+        linger = self.linger
+        if not _is_number(linger) or not 0 <= linger <= _MAX_LINGER:
+            raise ValueError(f"linger must be a number of seconds in [0, {_MAX_LINGER}], "
+                             f"not {linger!r}")
         for name in ("hwm", "max_message_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -81,7 +89,7 @@ class Options:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"blob_threshold must be an int >= 0 (bytes; 0: off), not {value!r}")
         beat = self.heartbeat
-        if isinstance(beat, bool) or not isinstance(beat, (int, float)) or not 0.01 <= beat <= 600:
+        if not _is_number(beat) or not 0.01 <= beat <= 600:
             raise ValueError(f"heartbeat must be a number of seconds in [0.01, 600], not {beat!r}")
 
     @classmethod
@@ -99,6 +107,7 @@ class Options:
             raise TypeError(f"unknown zkv option(s): {', '.join(unknown)}; "
                             f"known: {', '.join(sorted(fields))}")
         values: dict[str, Any] = {}
+        from_env: dict[str, str] = {}
         for name, var in _ENV.items():
             if name in overrides and overrides[name] is not None:
                 values[name] = overrides[name]
@@ -112,8 +121,12 @@ class Options:
                     values[name] = kind(raw)
                 except ValueError:
                     raise ValueError(f"{var}={raw!r} is not a valid {kind.__name__}") from None
-        return cls(**values)
+                from_env[name] = f"{var}={raw}"
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            named = [setting for name, setting in from_env.items() if str(exc).startswith(name)]
+            if named:
+                raise ValueError(f"{named[0]}: {exc}") from None
+            raise
 
-    @property
-    def timeout_ms(self) -> int:
-        return int(self.timeout * 1000)

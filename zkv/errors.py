@@ -15,6 +15,7 @@ means the same thing, so that ``except TimeoutError`` or ``except ConnectionErro
      ├── MessageTooLargeError (ValueError)      a message is over the configured maximum size
      ├── StoreClosedError (RuntimeError)        the store was closed by this process
      ├── LockError (RuntimeError)               releasing a lock that is not held
+     ├── ReentrancyError (RuntimeError)         a function the owner runs waited for the owner
      ├── ProtocolError                          a peer sent frames zkv does not understand
      └── RemoteError                            the owner failed; the cause cannot be carried back
 
@@ -37,6 +38,7 @@ __all__ = [
     "NoOwnerError",
     "OwnerGoneError",
     "ProtocolError",
+    "ReentrancyError",
     "RemoteError",
     "SerializationError",
     "StoreClosedError",
@@ -92,6 +94,11 @@ class StoreClosedError(ZkvError, RuntimeError):
 
 class LockError(ZkvError, RuntimeError):
     """A lock was released that this holder does not hold."""
+
+
+class ReentrancyError(ZkvError, RuntimeError):
+    """A function that the owner runs (given to ``modify`` or ``transact``) made a call that
+    waits for the owner itself: it could never be answered (see :mod:`zkv.reentry`)."""
 
 
 class ProtocolError(ZkvError):

@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq
 
-from . import codec, wire
+from . import codec, reentry, wire
 from .config import Options
 from .locks import LockTable
 from .server import OWNER_SESSION, Server
@@ -129,6 +129,11 @@ class LocalCore:
             outcome.append(ok)
             granted.set()
 
+        if reentry.active():  # inside a function the owner runs: only a lock that is free now
+            got = self.locks.acquire(name, OWNER_SESSION, token, time.monotonic(), grant)
+            if not got and timeout != 0:
+                reentry.refuse(f"waiting for lock {name!r}")
+            return bool(got)
         deadline = None if timeout is None else time.monotonic() + timeout
         got = self.locks.acquire(name, OWNER_SESSION, token, deadline, grant)
         if got is not None:
@@ -148,7 +153,8 @@ class LocalCore:
 
     def publish(self, channel: str, data: Any) -> None:
         frames = codec.dumps(data, copy_buffers=True)
-        self.server.wait_for_room()  # (never under the state lock: the poller may need it)
+        if not reentry.active():  # (never under the state lock: the poller may need it)
+            self.server.wait_for_room()
         with self.state.lock:  # in order with the change events of concurrent writes
             self.server.post(("pub", wire.key_bytes(channel), frames))
 

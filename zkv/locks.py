@@ -128,6 +128,17 @@ class LockTable:
             return out
 
 
+def _wait(timeout: object, what: str) -> float | None:
+    """A lock wait as given by the caller: None (or ``inf``) for no limit, else seconds >= 0.
+    Raises ValueError for anything else (NaN included)."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+            or not timeout >= 0:  # NaN is not >= 0
+        raise ValueError(f"{what} must be None or a number of seconds >= 0, not {timeout!r}")
+    return None if timeout == float("inf") else float(timeout)
+
+
 class LockBackend(Protocol):
     """What a :class:`Lock` needs from a store's core."""
 
@@ -142,38 +153,44 @@ class Lock:
     Use it as a context manager (``with store.lock("name"):``), which waits up to the
     ``timeout`` given to :meth:`~zkv.Store.lock` (None: until it is free) and raises
     :class:`~zkv.ZkvTimeoutError` if it passes. It is not reentrant. It is released when the
-    block ends, when :meth:`release` is called, or when the holding process dies.
+    block ends, when :meth:`release` is called, or when the holding process dies. It belongs
+    to the process that acquired it: a child forked while it is held cannot release it.
     """
 
     def __init__(self, backend: LockBackend, name: str, timeout: float | None) -> None:
         if not isinstance(name, str):
             raise TypeError(f"lock names must be str, not {type(name).__name__}")
-        if timeout is not None and (isinstance(timeout, bool) or timeout < 0):
-            raise ValueError(f"timeout must be None or a number >= 0, not {timeout!r}")
         self._backend = backend
         self.name = name
-        self.timeout = timeout
+        self.timeout = _wait(timeout, "timeout")
         self._token: bytes | None = None
+        self._pid = 0  # the process that holds it (a forked child only has a copy)
 
     def acquire(self, blocking: bool = True, timeout: float | None = -1) -> bool:
         """Take the lock. ``blocking=False`` tries once; ``timeout`` (seconds; the default is
-        the lock's own) bounds the wait. Returns whether the lock was taken."""
-        if self._token is not None:
+        the lock's own; None or ``inf``: until it is free) bounds the wait. Returns whether the
+        lock was taken."""
+        if self.locked():
             raise LockError(f"lock {self.name!r} is already held by this handle")
         if not blocking:
             wait: float | None = 0.0
-        elif timeout is None or (isinstance(timeout, (int, float)) and timeout >= 0):
-            wait = timeout
-        else:
+        elif timeout == -1:
             wait = self.timeout
+        else:
+            wait = _wait(timeout, "timeout")
         token = os.urandom(16)
         if self._backend.lock_acquire(self.name, token, wait):
             self._token = token
+            self._pid = os.getpid()
             return True
         return False
 
     def release(self) -> None:
-        """Release the lock. Raises LockError if this handle does not hold it."""
+        """Release the lock. Raises LockError if this handle does not hold it, and in a
+        forked child whose parent holds it (the lock stays with the parent)."""
+        if self._token is not None and self._pid != os.getpid():
+            raise LockError(f"lock {self.name!r} is held by process {self._pid}; this process "
+                            f"(a child forked while it was held) cannot release it")
         token, self._token = self._token, None
         if token is None:
             raise LockError(f"lock {self.name!r} is not held by this handle")
@@ -181,8 +198,8 @@ class Lock:
             raise LockError(f"lock {self.name!r} was no longer held (its holder was dropped)")
 
     def locked(self) -> bool:
-        """Whether this handle holds the lock."""
-        return self._token is not None
+        """Whether this handle holds the lock (in this process: False in a forked child)."""
+        return self._token is not None and self._pid == os.getpid()
 
     def __enter__(self) -> Lock:
         if not self.acquire():
@@ -193,5 +210,5 @@ class Lock:
         self.release()
 
     def __repr__(self) -> str:
-        state = "held" if self._token else "free"
+        state = "held" if self.locked() else "free"
         return f"<zkv.Lock {self.name!r} {state}>"

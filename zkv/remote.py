@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq
 
-from . import codec, wire
+from . import codec, reentry, wire
 from .cache import NOHIT, ReadCache
 from .client import Connection
 from .codec import Frame
@@ -346,6 +346,7 @@ class RemoteCore:
     # -- locks -----------------------------------------------------------------------------------
 
     def lock_acquire(self, name: str, token: bytes, timeout: float | None) -> bool:
+        reentry.refuse(f"waiting for lock {name!r}")
         frames = [wire.key_bytes(name), token, json.dumps(timeout).encode()]
         wait = float("inf") if timeout is None else timeout + self.options.timeout
         try:

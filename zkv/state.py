@@ -27,6 +27,7 @@ from typing import Any
 from . import codec
 from .codec import IMMUTABLE_TYPES, Frame
 from .errors import EncodeError, StoreClosedError
+from .reentry import run_user_code
 
 __all__ = ["MISSING", "Entry", "State", "TransactionView"]
 
@@ -196,7 +197,7 @@ class State:
         with self.lock:
             current = self.data.get(key)
             old = current.load() if current is not None else default
-            entry = Entry.from_object(fn(old))
+            entry = Entry.from_object(run_user_code(fn, old))
             if travel:
                 entry.wire()
             self._put(key, entry)
@@ -238,7 +239,7 @@ class State:
         with self.lock:
             view = TransactionView(self)
             try:
-                result = fn(view)
+                result = run_user_code(fn, view)
             finally:
                 view._closed = True
             changes = [(key, None if value is MISSING else Entry.from_object(value))

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMappin
 from typing import Any, TypeVar
 
 from . import endpoint as _endpoint
+from . import reentry
 from .config import Options
 from .dispatch import Dispatcher
 from .errors import NoOwnerError, StoreClosedError
@@ -351,6 +352,7 @@ class Store(MutableMapping[str, Any]):
         return self._subscriber(Topics.keys(key, prefix), "zkv watcher")
 
     def _subscriber(self, topics: Topics, what: str) -> Subscriber:
+        reentry.refuse("subscribe() or watch()")
         core = self._core
         sub = Subscriber(core.context, core.pub_address, topics, hwm=self._options.hwm,
                          timeout=self._options.timeout, alive=core.owner_alive, what=what,
@@ -397,6 +399,7 @@ class Store(MutableMapping[str, Any]):
         return 0 if self._dispatcher is None else self._dispatcher.dropped
 
     def _get_dispatcher(self) -> Dispatcher:
+        reentry.refuse("registering a callback")  # (registering waits for the welcome)
         with self._mutex:
             if self._dispatcher is None:
                 core = self._core
@@ -425,6 +428,7 @@ class Store(MutableMapping[str, Any]):
         with self._mutex:
             if self._closed:
                 return
+            reentry.refuse("close()")
             self._closed = True
             for sub in list(self._subscribers):
                 sub.close()
