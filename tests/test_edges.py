@@ -410,3 +410,84 @@ class TestSettings:
         with pytest.raises(ValueError, match="timeout"):
             kv.lock("L").acquire(timeout=value)
         assert kv.lock("L").acquire(blocking=False)  # nothing was taken
+
+
+# -- 3. Backpressure on change events from the owner's threads ---------------------------------------
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _owner_writes_watched_key(writes: int, ready: Any, watching: Any, written: Any,
+                              seen_end: Any) -> dict[str, Any]:
+    """An owner whose thread writes a watched key ``writes`` times as fast as it can, while the
+    watcher (another process) does not read; then "end" until the watcher has seen it."""
+    os.environ.pop("ZKV_ENDPOINT", None)
+    with zkv.serve(hwm=1000) as kv:
+        ready.put(kv.endpoint)
+        assert watching.wait(60)
+        before = peak = _rss_kb()
+        for i in range(writes):
+            kv.set("w", i)
+            if i % 20_000 == 0:
+                peak = max(peak, _rss_kb())
+        peak = max(peak, _rss_kb())
+        written.set()
+        ends = 0
+        while not seen_end.is_set() and ends < 600:
+            kv.set("w", "end")  # (an "end" lost to the overflow is followed by another)
+            ends += 1
+            seen_end.wait(0.1)
+        return {"growth_mb": (peak - before) / 1024, "ends": ends}
+
+
+def _slow_watcher(endpoint: str, watching: Any, written: Any, seen_end: Any,
+                  results: Any) -> None:
+    kv = zkv.connect(endpoint, timeout=60)
+    with kv.watch("w") as changes:
+        watching.set()
+        assert written.wait(120)  # reads nothing while the owner writes
+        received = 0
+        while True:
+            message = changes.receive_message(timeout=60)
+            received += 1
+            if message.data.value == "end":
+                break
+        seen_end.set()
+        results.put((received, changes.dropped, message.seq))
+
+
+class TestChangeEventBackpressure:
+    """An owner thread writing a watched key in a tight loop, with a watcher that does not keep
+    up: the owner's memory stays bounded, and what the watcher loses is counted exactly."""
+
+    @pytest.mark.timeout(180)
+    def test_owner_thread_writes_are_paced(self) -> None:
+        writes = 400_000
+        ready, results = SPAWN.Queue(), SPAWN.Queue()
+        watching, written, seen_end = SPAWN.Event(), SPAWN.Event(), SPAWN.Event()
+        box: list[Any] = []
+        owner = threading.Thread(target=lambda: box.append(call_in_child(
+            SPAWN, _owner_writes_watched_key, writes, ready, watching, written, seen_end,
+            timeout=170)))
+        owner.start()
+        watcher = SPAWN.Process(target=_slow_watcher,
+                                args=(ready.get(timeout=60), watching, written, seen_end,
+                                      results))
+        watcher.start()
+        try:
+            received, dropped, last_seq = results.get(timeout=160)
+        finally:
+            owner.join(170)
+            watcher.join(30)
+        report = box[0]
+        # Every change up to the last one received was either received or counted as lost.
+        assert received + dropped == last_seq, (received, dropped, last_seq)
+        assert last_seq >= writes + 1, last_seq
+        assert dropped > 0  # the watcher did fall behind
+        # Paced: about 1 MB here; unpaced, the queue grew by some 60 MB and on without bound.
+        assert report["growth_mb"] < 20, report

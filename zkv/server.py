@@ -28,7 +28,7 @@ from typing import Any
 
 import zmq
 
-from . import auth, blobs, codec, endpoint, wire
+from . import auth, blobs, codec, endpoint, reentry, wire
 from .codec import Frame
 from .config import Options
 from .errors import DecodeError, EncodeError, ProtocolError, ZkvTimeoutError
@@ -51,6 +51,7 @@ _TICK = 0.05  # seconds between housekeeping turns (the longest the poller block
 _LIVENESS_EVERY = 4  # ticks between checks that lock-holding clients are alive
 _SWEEP_EVERY = 100  # ticks between checks of every client session
 _PROBE_MEMORY = 10.0  # seconds an announced probe is awaited, and an answered one remembered
+_ROUTER_HWM_FLOOR = 1000  # messages (see where the ROUTER's SNDHWM is set)
 _LATE_PUBLISH = 30.0  # seconds a session's publishes are still delivered after it ended
 _WAKE_ID = b"\x00zkv-wake"  # routing id of the owner threads' wake socket (clients use 12 bytes)
 _POLLIN = int(zmq.POLLIN)
@@ -102,6 +103,7 @@ class Server:
     def __init__(self, state: State, options: Options, locks: LockTable,
                  bind: str | None = None) -> None:
         self.state = state
+        state.pace = self.wait_for_room
         self.options = options
         self.locks = locks
         self._ctx = zmq.Context(io_threads=1)
@@ -113,9 +115,11 @@ class Server:
         self._router.setsockopt(zmq.MAXMSGSIZE, options.max_message_size)
         self._router.setsockopt(zmq.RCVHWM, 0)
         # A peer that does not read (a caching client gone idle) loses messages past this,
-        # instead of making the owner buffer without bound; request sockets have at most one
-        # reply outstanding, so they never get near it.
-        self._router.setsockopt(zmq.SNDHWM, options.hwm)
+        # instead of making the owner buffer without bound. A request socket has one reply
+        # outstanding, but ZeroMQ learns that its peer has read in batches of half the
+        # high-water mark, and late: with a mark of a few dozen, a reply could be dropped
+        # although the peer reads everything. Hence the floor.
+        self._router.setsockopt(zmq.SNDHWM, max(options.hwm, _ROUTER_HWM_FLOOR))
         # Plain XPUB: it reports a topic when its first subscriber comes and when its last one
         # goes, deduplicated by ZeroMQ per connection, so the owner's topic set stays exact
         # (verbose modes report every duplicate subscription and leak counts).
@@ -287,11 +291,13 @@ class Server:
 
     def wait_for_room(self) -> None:
         """Block an owner thread (holding no store lock) while the outbox is over its limit:
-        publishing in a tight loop then goes at the pace the poller thread sends, instead of
-        queueing without bound. Raises ZkvTimeoutError if the poller does not catch up within
+        publishing, or writing watched keys, in a tight loop then goes at the pace the poller
+        thread sends, instead of queueing without bound. Raises ZkvTimeoutError if the poller does not catch up within
         the store's timeout."""
         if len(self._outbox) < _OUTBOX_LIMIT or threading.get_ident() == self._thread_id:
             return
+        if reentry.active() or self.state.lock._is_owned():  # type: ignore[attr-defined]
+            return  # holding the store's lock (a nested write): the poller may need it
         deadline = time.monotonic() + self.options.timeout
         with self._room:
             self._room_waiters += 1

@@ -136,6 +136,10 @@ class State:
         self.lock = threading.RLock()
         self.version = 0
         self.on_change: ChangeHook | None = None
+        #: Called before a write while someone watches (``on_change`` is set), holding no
+        #: lock: the owner makes writing threads wait there while its queue of change events
+        #: is full, as publishing threads do (see Server.wait_for_room).
+        self.pace: Callable[[], None] | None = None
 
     # -- writes: callers outside this class hold no lock; every method takes it ----------------
 
@@ -156,11 +160,20 @@ class State:
                 hook(DELETE, key, None, self.version)
         return entry
 
+    def _pace(self) -> None:
+        pace = self.pace
+        if pace is not None:
+            pace()
+
     def put(self, key: str, entry: Entry) -> None:
+        if self.on_change is not None:
+            self._pace()
         with self.lock:
             self._put(key, entry)
 
     def put_many(self, items: list[tuple[str, Entry]]) -> None:
+        if self.on_change is not None:
+            self._pace()
         with self.lock:
             hook = self.on_change
             if hook is None:  # nobody watches: one dict update, at C speed
@@ -172,16 +185,22 @@ class State:
 
     def delete(self, key: str) -> Entry | None:
         """Remove ``key``; return its entry, or None if it was missing."""
+        if self.on_change is not None:
+            self._pace()
         with self.lock:
             return self._remove(key)
 
     def clear(self) -> None:
+        if self.on_change is not None:
+            self._pace()
         with self.lock:
             for key in list(self.data):
                 self._remove(key)
 
     def setdefault(self, key: str, entry: Entry) -> Entry:
         """The entry of ``key``, setting it to ``entry`` first if missing."""
+        if self.on_change is not None:
+            self._pace()
         with self.lock:
             current = self.data.get(key)
             if current is not None:
@@ -194,6 +213,8 @@ class State:
         """Replace the value of ``key`` by ``fn(old)`` (``old`` is ``default`` if missing) and
         return the new entry. If ``fn`` raises, nothing changes. ``travel=True`` (a client's
         request): the new value must be picklable, else EncodeError and nothing changes."""
+        if self.on_change is not None:
+            self._pace()
         with self.lock:
             current = self.data.get(key)
             old = current.load() if current is not None else default
@@ -207,6 +228,8 @@ class State:
         """Add ``amount`` to the number at ``key`` (0 if missing) and return the result."""
         if type(amount) not in (int, float):
             raise TypeError(f"incr amount must be an int or float, not {type(amount).__name__}")
+        if self.on_change is not None:
+            self._pace()
         with self.lock:
             current = self.data.get(key)
             old = current.load() if current is not None else 0
@@ -221,6 +244,8 @@ class State:
     def compare_and_set(self, key: str, expected: Any, entry: Entry) -> bool:
         """Set ``key`` to ``entry`` if its current value equals ``expected`` (or it is missing
         and ``expected`` is :data:`MISSING`). Return whether it was set."""
+        if self.on_change is not None:
+            self._pace()
         with self.lock:
             current = self.data.get(key)
             if current is None:
@@ -236,6 +261,8 @@ class State:
         when it returns, and not at all if it raises. Returns what ``fn`` returns.
         ``travel=True`` (a client's request): every value written must be picklable, else
         EncodeError and nothing changes."""
+        if self.on_change is not None:
+            self._pace()
         with self.lock:
             view = TransactionView(self)
             try:
