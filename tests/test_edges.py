@@ -412,7 +412,7 @@ class TestSettings:
         assert kv.lock("L").acquire(blocking=False)  # nothing was taken
 
 
-# -- 3. Backpressure on change events from the owner's threads ---------------------------------------
+# -- 3. Backpressure on change events from the owner's threads -----------------------------------
 
 def _rss_kb() -> int:
     with open("/proc/self/status") as fh:

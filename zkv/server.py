@@ -292,8 +292,8 @@ class Server:
     def wait_for_room(self) -> None:
         """Block an owner thread (holding no store lock) while the outbox is over its limit:
         publishing, or writing watched keys, in a tight loop then goes at the pace the poller
-        thread sends, instead of queueing without bound. Raises ZkvTimeoutError if the poller does not catch up within
-        the store's timeout."""
+        thread sends, instead of queueing without bound. Raises ZkvTimeoutError if the poller
+        does not catch up within the store's timeout."""
         if len(self._outbox) < _OUTBOX_LIMIT or threading.get_ident() == self._thread_id:
             return
         if reentry.active() or self.state.lock._is_owned():  # type: ignore[attr-defined]
