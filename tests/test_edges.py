@@ -491,3 +491,61 @@ class TestChangeEventBackpressure:
         assert dropped > 0  # the watcher did fall behind
         # Paced: about 1 MB here; unpaced, the queue grew by some 60 MB and on without bound.
         assert report["growth_mb"] < 20, report
+
+
+# -- 7. Cached reads never go back in time ---------------------------------------------------------
+
+def _mixed_reader(seconds: float) -> dict[str, int]:
+    kv = zkv.store()
+    kv.enable_cache("c.")
+    last = 0
+    regressions = overtaken = reads = 0
+    end = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < end:
+        i += 1
+        if i % 10 == 0:
+            value = kv.get_many(["c.k"]).get("c.k", 0)
+            if value > last:
+                overtaken += 1  # read directly: newer than what this thread read before
+        elif i % 10 == 5:
+            with kv.pipeline() as p:
+                p.get("c.k", 0)
+            value = p.results[0]
+        else:
+            value = kv.get("c.k", 0)  # cached
+        reads += 1
+        if value < last:
+            regressions += 1
+        last = max(last, value)
+    info = kv.cache_info()
+    return {"regressions": regressions, "overtaken": overtaken, "reads": reads,
+            "hits": info["hits"]}
+
+
+class TestCachedReadsAreMonotonic:
+    """With the read cache on, a thread never reads an older value of a key after a newer one,
+    whatever mix of get, get_many, pipelines and cached reads it uses."""
+
+    @pytest.mark.timeout(90)
+    def test_mixed_reads_under_a_fast_writer(self, kv: zkv.Store) -> None:
+        # The writer is an owner thread: its invalidations leave through the poller's queue,
+        # and a direct read's reply can overtake them.
+        stop = threading.Event()
+
+        def write() -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                kv.set("c.k", i)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        try:
+            report = call_in_child(SPAWN, _mixed_reader, 4.0, timeout=60)
+        finally:
+            stop.set()
+            writer.join(30)
+        assert report["regressions"] == 0, report
+        # The race was on: cached reads were served, and direct reads ran ahead of them.
+        assert report["hits"] > 50 and report["overtaken"] > 0, report

@@ -26,8 +26,11 @@ from .wire import Op, Status
 __all__ = ["RemoteCore"]
 
 Decode = Callable[[int, list[Any]], Any]
-#: An encoded operation: op, frames, how to decode the reply, and the key it writes (None if it
-#: writes none; ``ALL`` if it may write any key).
+#: An encoded operation: op, frames, how to decode the reply, and the keys it reads or writes
+#: (a key, a list of keys, None for none, ``ALL`` for any key). The read cache drops what it
+#: holds of them once the reply is in, and takes no older value for them from then on: so a
+#: write is seen by this process's next read, and a value read directly (get_many, a pipeline,
+#: get_all) is never followed by an older one from the cache.
 Encoded = tuple[int, list[Frame], Decode, Any]
 ALL: Any = object()
 _PACK_LIMIT = 32 * 1024  # bytes: smaller values are sent in one frame with their key
@@ -118,7 +121,7 @@ class RemoteCore:
     def _get(self, key: str, default: Any = None) -> Encoded:
         def decode(status: int, frames: list[Any]) -> Any:
             return codec.loads(frames) if status == Status.OK else default
-        return Op.GET, [wire.key_bytes(key)], decode, None
+        return Op.GET, [wire.key_bytes(key)], decode, key
 
     def _set(self, key: str, value: Any) -> Encoded:
         name = wire.key_bytes(key)
@@ -132,7 +135,7 @@ class RemoteCore:
         return Op.DELETE, [wire.key_bytes(key)], _found, key
 
     def _contains(self, key: str) -> Encoded:
-        return Op.CONTAINS, [wire.key_bytes(key)], _found, None
+        return Op.CONTAINS, [wire.key_bytes(key)], _found, key
 
     def _modify(self, key: str, fn: Callable[[Any], Any], default: Any) -> Encoded:
         frames = wire.pack_sections([[wire.key_bytes(key)], codec.dumps(fn),
@@ -218,7 +221,7 @@ class RemoteCore:
     def keys(self) -> list[str]:
         def decode(status: int, frames: list[Any]) -> list[str]:
             return [wire.key_str(f) for f in frames]
-        return self._call((Op.KEYS, [], decode, None))  # type: ignore[no-any-return]
+        return self._call((Op.KEYS, [], decode, ALL))  # type: ignore[no-any-return]
 
     def clear(self) -> None:
         self._call((Op.CLEAR, [], _ok, ALL))
@@ -230,7 +233,7 @@ class RemoteCore:
                 raise ProtocolError("get_all reply has an odd number of sections")
             return {wire.key_str(sections[i][0]): codec.loads(sections[i + 1])
                     for i in range(0, len(sections), 2)}
-        return self._call((Op.GET_ALL, [], decode, None))  # type: ignore[no-any-return]
+        return self._call((Op.GET_ALL, [], decode, ALL))  # type: ignore[no-any-return]
 
     def transact(self, fn: Callable[[Any], Any]) -> Any:
         return self._call((Op.TRANSACT, codec.dumps(fn), _value, ALL))
@@ -276,7 +279,7 @@ class RemoteCore:
             return out
         frames: list[Frame] = [joined] if joined is not None \
             else wire.pack_frames(wire.keys_bytes(keys))
-        return self._call((Op.GET_MANY, frames, decode, None))  # type: ignore[no-any-return]
+        return self._call((Op.GET_MANY, frames, decode, keys))  # type: ignore[no-any-return]
 
     def set_many(self, items: list[tuple[str, Any]]) -> None:
         keys = [key for key, _value in items]
