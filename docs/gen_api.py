@@ -40,7 +40,7 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ("Errors", "", ["ZkvError", "ZkvConnectionError", "NoOwnerError", "OwnerGoneError",
                     "AuthenticationError", "ZkvTimeoutError", "SerializationError",
                     "EncodeError", "DecodeError", "MessageTooLargeError", "StoreClosedError",
-                    "LockError", "ProtocolError", "RemoteError"]),
+                    "LockError", "ReentrancyError", "ProtocolError", "RemoteError"]),
     ("Compatibility with the original module", "", ["KeyValueStore", "GlobalKeyValueStore"]),
 ]
 
