@@ -22,9 +22,9 @@ from _raw import say_hello
 from store_helpers import call_in_child
 
 import zkv
-from zkv import blobs, wire
+from zkv import blobs, ops, wire
 from zkv.testing import private_store, wait_for
-from zkv.wire import Op, Status
+from zkv.wire import Status
 
 MB = 1 << 20
 SPAWN = mp.get_context("spawn")
@@ -69,7 +69,7 @@ def _child_reads(endpoint: str) -> None:
 
 @pytest.fixture
 def blob_dir(kv: zkv.Store) -> Path:
-    path = kv._core.server.blob_dir
+    path = kv._core.owner.blob_dir
     assert path is not None and path.parent == Path(f"/dev/shm/zkv-{os.getuid()}")
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
     return path
@@ -125,7 +125,7 @@ class TestRoundTrip:
 
     def test_threshold_zero_sends_everything_by_socket(self) -> None:
         with private_store(blob_threshold=0) as owner:
-            assert owner._core.server.blob_dir is None
+            assert owner._core.owner.blob_dir is None
             client = zkv.connect(owner.endpoint)
             try:
                 assert client._core.conn.blob_dir is None
@@ -191,11 +191,12 @@ def dealer(kv: zkv.Store) -> Iterator[zmq.Socket[Any]]:
 
 
 def _spilled_set(sock: zmq.Socket[Any], entries: list[tuple[int, int, bytes]]) -> BaseException:
-    sock.send_multipart([wire.pack_header(5, Op.SET | wire.SPILLED), b"key", b"",
+    # A set of "key" (no ttl) whose value's frame (the 3rd, position 2) is said to be in a file.
+    sock.send_multipart([wire.pack_header(5, ops.SET.code, wire.SPILLED), b"key", b"", b"",
                          wire.pack_spill(entries)])
     assert sock.poll(10_000)
     head, *rest = sock.recv_multipart()
-    _rid, status, _b, _a, results = wire.parse_reply(head, rest)
+    _rid, status, _flags, _b, _a, results = wire.parse_reply(head, rest)
     assert status == Status.ERROR
     return wire.decode_error(results)
 
@@ -205,7 +206,7 @@ class TestHostileSpills:
                                       b"0" * 32])
     def test_bad_or_missing_names(self, kv: zkv.Store, blob_dir: Path,
                                   dealer: zmq.Socket[Any], name: bytes) -> None:
-        exc = _spilled_set(dealer, [(1, 10, name.ljust(32, b"0")[:32])])
+        exc = _spilled_set(dealer, [(2, 10, name.ljust(32, b"0")[:32])])
         assert isinstance(exc, zkv.ProtocolError) and "spilled" in str(exc)
         assert "key" not in kv
 
@@ -219,7 +220,7 @@ class TestHostileSpills:
             os.symlink(secret, blob_dir / ("2" * 32))
             os.link(secret, blob_dir / ("3" * 32))
             for name in cases:
-                exc = _spilled_set(dealer, [(1, 20, name)])
+                exc = _spilled_set(dealer, [(2, 20, name)])
                 assert isinstance(exc, zkv.ProtocolError), cases[name]
             assert "key" not in kv
             assert secret.read_bytes() == b"s" * 20
@@ -232,6 +233,6 @@ class TestHostileSpills:
                                     dealer: zmq.Socket[Any]) -> None:
         name = b"4" * 32
         (blob_dir / name.decode()).write_bytes(pickle.dumps("v" * 100))
-        exc = _spilled_set(dealer, [(1, len(pickle.dumps("v" * 100)), name)] * 2)
+        exc = _spilled_set(dealer, [(2, len(pickle.dumps("v" * 100)), name)] * 2)
         assert isinstance(exc, zkv.ProtocolError)
         assert "key" not in kv

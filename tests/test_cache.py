@@ -262,7 +262,7 @@ class TestOrderingRules:
     def cache(self, kv: zkv.Store) -> Any:
         client = zkv.connect(kv.endpoint)
         client.enable_cache("c.")
-        yield client._core.cache
+        yield client._core._cache
         client.close()
 
     def test_reply_older_than_own_write_is_not_cached(self, cache: Any) -> None:

@@ -16,7 +16,7 @@ from store_helpers import call_in_child, owner_process
 
 import zkv
 import zkv.testing
-from zkv import wire
+from zkv import sockets
 
 SPAWN = mp.get_context("spawn")
 
@@ -29,7 +29,7 @@ def _interrupted_sends(rounds: int) -> dict[str, Any]:
     ``set_many``; after each, the next calls must get their own replies and the store must hold
     only what was written whole."""
     kv = zkv.store()
-    real_send = wire.raw_send
+    real_send = sockets.raw_send
     state = {"armed": False, "landed": 0}
 
     def send_and_maybe_interrupt(sock: Any, frame: Any, flags: int = 0, *args: Any) -> Any:
@@ -41,7 +41,7 @@ def _interrupted_sends(rounds: int) -> dict[str, Any]:
             time.sleep(1)  # the KeyboardInterrupt is raised in here, at once
         return result
 
-    wire.raw_send = send_and_maybe_interrupt
+    sockets.raw_send = send_and_maybe_interrupt
     written: set[bytes] = set()
     interrupted = 0
     for i in range(rounds):
@@ -63,7 +63,7 @@ def _interrupted_sends(rounds: int) -> dict[str, Any]:
         assert current is None or current in written, "a value nobody wrote was stored"
         kv.set("big", b"whole%d" % i)
         written.add(b"whole%d" % i)
-    wire.raw_send = real_send
+    sockets.raw_send = real_send
     return {"landed": state["landed"], "interrupted": interrupted, "n": kv.get("n"),
             "others": sorted(k for k in kv if k.startswith("other"))}
 

@@ -6,7 +6,6 @@ raises. (Clients killed holding or waiting for a lock, or mid-request: tests/tes
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import signal
 import sys
@@ -21,10 +20,11 @@ from _faultkit import (
     generation_writer,
     pipeline_writer,
 )
+from _raw import say_hello
 
 import zkv
-from zkv import wire
-from zkv.wire import Op, Status
+from zkv import ops, wire
+from zkv.wire import Status
 
 
 @pytest.fixture
@@ -136,11 +136,12 @@ class TestOwnerSurvivesUserCode:
             peer = ctx.socket(zmq.DEALER)
             peer.linger = 0
             peer.connect(kv.endpoint)
-            fn = pickle.dumps(_ExitsWhenUnpickled())
-            frames = wire.pack_sections([[b"k"], [fn], [pickle.dumps(None)]])
-            peer.send_multipart([wire.pack_header(9, Op.MODIFY), *frames])
+            say_hello(peer)
+            frames = ops.MODIFY.encode("k", _ExitsWhenUnpickled(), None)
+            peer.send_multipart(wire.request(9, ops.MODIFY.code, frames))
             assert peer.poll(10_000), "no answer: the owner's thread died"
-            rid, status, _before, _after = wire.unpack_reply(peer.recv_multipart()[0])
+            reply = peer.recv_multipart()
+            rid, status = wire.parse_reply(reply[0], reply[1:])[:2]
             assert (rid, status) == (9, Status.ERROR)
             peer.close()
         finally:

@@ -14,9 +14,8 @@ import zmq
 import zmq.utils.monitor
 
 import zkv
-from zkv import wire
+from zkv import ops, wire
 from zkv.testing import private_store
-from zkv.wire import Op
 
 LIMIT = 16 * 1024  # under the 64 KiB at which values travel as frames of their own
 
@@ -117,7 +116,8 @@ def test_raw_oversized_frame_disconnects_the_sender(small: zkv.Store, client: zk
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(small.endpoint[:-1] + where)
         if where == "r":
-            sock.send_multipart([wire.pack_header(1, Op.SET), b"big", b"x" * (LIMIT + 1)])
+            sock.send_multipart([wire.pack_header(1, ops.SET.code), b"big", b"",
+                                 b"x" * (LIMIT + 1)])
         else:
             sock.send(b"\x01" + b"k" * (LIMIT + 1))  # an oversized subscription
         assert _disconnected(sock, monitor), "the oversized sender was not disconnected"

@@ -125,8 +125,8 @@ class TestOldStore:
                 client.get("k")
 
 
-def _poller_bug() -> None:
-    raise RuntimeError("a bug in the owner's poller thread")
+def _poller_bug(ticks: int, now: float) -> None:
+    raise RuntimeError("a bug in the owner's loop thread")
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -137,13 +137,13 @@ def test_crashed_poller_thread_counts_as_owner_gone(kv: zkv.Store,
     client = zkv.connect(kv.endpoint, timeout=60)
     try:
         client.set("k", 1)
-        kv._core.server._check_sessions = _poller_bug  # runs on the poller thread within 0.2 s
+        kv._core.owner.sessions.check = _poller_bug  # type: ignore[method-assign]  # loop, 0.1 s
         start = time.monotonic()
         with pytest.raises(zkv.OwnerGoneError):
             while True:
                 client.get("k")
         assert time.monotonic() - start < FAST
-        assert "poller thread crashed" in caplog.text
+        assert "owner loop crashed" in caplog.text
     finally:
         client.close()
 

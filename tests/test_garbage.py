@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zkv
-from zkv import wire
+from zkv import ops, wire
 from zkv.testing import wait_for
-from zkv.wire import Op, Status
+from zkv.wire import Status
 
 BARRIER_RID = 0xFFFF_FFF0
 
@@ -91,14 +91,14 @@ def barrier(sock: zmq.Socket[Any]) -> list[list[bytes]]:
     """Send a PING after the garbage on the same DEALER and wait for its answer (OK after a
     HELLO, an error without): everything the peer sent before it has been handled. Returns
     the replies to the garbage."""
-    sock.send_multipart([wire.pack_header(BARRIER_RID, Op.PING)])
+    sock.send_multipart([wire.pack_header(BARRIER_RID, ops.LEN.code)])
     replies = []
     while True:
         assert sock.poll(15_000), "the owner stopped answering"
         reply = sock.recv_multipart()
         if reply[0].startswith(wire.WELCOME_MAGIC):
             continue
-        rid, _status, _before, _after = wire.unpack_reply(reply[0])
+        rid = wire.parse_reply(reply[0], reply[1:])[0]
         if rid == BARRIER_RID:
             return replies
         replies.append(reply)
@@ -112,12 +112,13 @@ def check_serving(client: zkv.Store, tag: Any) -> None:
 def refused_for_sure(frames: Sequence[bytes]) -> bool:
     """Whether the owner must refuse these frames (as sent by a DEALER that said HELLO)."""
     head = frames[0]
-    if len(head) < 5 or (len(head) != 5 and not head[4] & wire.MERGED):
+    size = wire.REQUEST_HEADER.size
+    if len(head) < size or (len(head) != size and not head[5] & wire.MERGED):
         return True
-    _rid, code = wire.unpack_header(head)
-    if code & wire.SPILLED:  # names files in the blob directory: random ones never exist
+    _rid, code, flags = wire.REQUEST_HEADER.unpack_from(head)
+    if flags & wire.SPILLED:  # names files in the blob directory: random ones never exist
         return True
-    return code & wire.OP_MASK not in set(Op)
+    return code not in ops.BY_CODE
 
 
 # -- the request socket ----------------------------------------------------------------------------
@@ -137,7 +138,7 @@ class TestRequestSocket:
         try:
             sock.send_multipart(frames)
             for reply in barrier(sock):
-                wire.unpack_reply(reply[0])  # every answer is a well-formed reply
+                wire.parse_reply(reply[0], reply[1:])  # every answer is a well-formed reply
         finally:
             sock.close()
         if refused_for_sure(frames):
@@ -180,11 +181,11 @@ class TestRequestSocket:
     def test_refusals_are_counted_and_logged(self, kv: zkv.Store, client: zkv.Store,
                                              ctx: zmq.Context[Any],
                                              caplog: pytest.LogCaptureFixture) -> None:
-        caplog.set_level(logging.WARNING, logger="zkv.server")
+        caplog.set_level(logging.WARNING, logger="zkv.owner")
         sock = peer(ctx, zmq.DEALER, kv.endpoint)
         say_hello(sock)
         try:
-            for junk in ([b"\x01\x02"], [b"", b"x"], [wire.pack_header(1, 31), b"k"]):
+            for junk in ([b"\x01\x02"], [b"", b"x"], [wire.pack_header(1, 99), b"k"]):
                 sock.send_multipart(junk)
             replies = barrier(sock)
         finally:
@@ -192,10 +193,10 @@ class TestRequestSocket:
         assert kv.stats()["refused"] == 3
         assert len(replies) == 1  # the unknown operation is answered (its header was valid)
         assert isinstance(wire.decode_error(replies[0][1:]), zkv.ProtocolError)
-        warnings = [r for r in caplog.records if r.name == "zkv.server" and "refused" in
+        warnings = [r for r in caplog.records if r.name == "zkv.owner" and "refused" in
                     r.getMessage()]
         assert len(warnings) == 3
-        assert "unknown operation 31" in warnings[-1].getMessage()
+        assert "unknown operation 99" in warnings[-1].getMessage()
         check_serving(client, "logged")
 
 
@@ -289,7 +290,8 @@ def request(ctx: zmq.Context[Any], endpoint: str, frames: list[bytes],
     if not replies:
         return None
     assert len(replies) == 1
-    _rid, status, _before, _after, results = wire.parse_reply(replies[0][0], replies[0][1:])
+    _rid, status, _flags, _before, _after, results = wire.parse_reply(replies[0][0],
+                                                                      replies[0][1:])
     return status, results
 
 
@@ -316,15 +318,16 @@ class TestWellFramedButWrong:
         check_serving(client, "after")
 
     def test_unknown_op(self, kv: zkv.Store, ctx: zmq.Context[Any]) -> None:
-        exc = error_of(request(ctx, kv.endpoint, [head(31), b"canary"]))
-        assert isinstance(exc, zkv.ProtocolError) and "31" in str(exc)
+        exc = error_of(request(ctx, kv.endpoint, [head(99), b"canary"]))
+        assert isinstance(exc, zkv.ProtocolError) and "99" in str(exc)
         assert kv.stats()["refused"] == 1
 
     def test_set_with_a_garbage_pickle(self, kv: zkv.Store, client: zkv.Store,
                                        ctx: zmq.Context[Any]) -> None:
         # The owner keeps values as the bytes it was given (it never unpickles a plain set):
         # the set succeeds, and whoever reads the value gets a DecodeError with the reason.
-        answer = request(ctx, kv.endpoint, [head(Op.SET), b"junk", b"\x80\x05not a pickle"])
+        answer = request(ctx, kv.endpoint, [head(ops.SET.code), b"junk", b"",
+                                            b"\x80\x05not a pickle"])
         assert answer == (Status.OK, [])
         with pytest.raises(zkv.DecodeError, match="cannot unpickle"):
             client.get("junk")
@@ -342,22 +345,24 @@ class TestWellFramedButWrong:
         evil = pickle.dumps([_Touch(str(marker))])
         for values in (evil, b"\x80\x05junk", pickle.dumps({"a": 1}), pickle.dumps([1, 2]),
                        pickle.dumps([[1]])):
-            exc = error_of(request(ctx, kv.endpoint, [head(Op.SET_PLAIN), b"a", values]))
-            assert isinstance(exc, zkv.ProtocolError) and "SET_PLAIN" in str(exc)
+            exc = error_of(request(ctx, kv.endpoint, [head(ops.SET_MANY.code), b"", b"a",
+                                                      values]))
+            assert isinstance(exc, zkv.ProtocolError) and "set_many" in str(exc)
         assert not marker.exists()
         assert "a" not in client
-        exc = error_of(request(ctx, kv.endpoint, [head(Op.SET_PLAIN), b"\xff", pickle.dumps([1])]))
+        exc = error_of(request(ctx, kv.endpoint, [head(ops.SET_MANY.code), b"", b"\xff",
+                                                  pickle.dumps([1])]))
         assert isinstance(exc, zkv.ProtocolError)
 
-    @pytest.mark.parametrize("counts", [[1, 5], [2], [0, 0], [4, 0]])
+    @pytest.mark.parametrize("counts", [[1, 5], [3], [0, 0], [3, 0]])
     def test_pipeline_index_that_lies(self, kv: zkv.Store, client: zkv.Store,
                                       ctx: zmq.Context[Any], counts: list[int]) -> None:
-        # A SET of "lied" and a GET of "canary" (3 frames), under an index that counts others.
-        ops = [Op.SET, Op.GET][:len(counts)]
+        # A SET of "lied" and a GET of "canary" (2 frames), under an index that counts others.
+        codes = [ops.SET.code, ops.GET.code][:len(counts)]
         index = b"".join(int(n).to_bytes(4, "little") for op_n in
-                         zip(ops, counts, strict=True) for n in op_n)
-        frames = [head(Op.PIPELINE), index,
-                  *wire.pack_frames([b"lied", pickle.dumps(1), b"canary"])]
+                         zip(codes, counts, strict=True) for n in op_n)
+        frames = [head(ops.PIPELINE.code), index, *wire.pack_frames(
+            [wire.pack_key_value(b"lied", pickle.dumps(1)), b"canary"])]
         exc = error_of(request(ctx, kv.endpoint, frames))
         assert isinstance(exc, zkv.ProtocolError)
         assert "lied" not in client  # nothing of it was applied
@@ -366,8 +371,9 @@ class TestWellFramedButWrong:
                                                 ctx: zmq.Context[Any]) -> None:
         # The total is right but each operation gets the wrong frames: each is answered (here
         # with errors) on its own, as in any pipeline.
-        index = b"".join(n.to_bytes(4, "little") for n in (Op.SET, 1, Op.GET, 0, Op.GET, 2))
-        frames = [head(Op.PIPELINE), index,
+        index = b"".join(n.to_bytes(4, "little") for n in (ops.SET.code, 1, ops.GET.code, 0,
+                                                            ops.GET.code, 2))
+        frames = [head(ops.PIPELINE.code), index,
                   *wire.pack_frames([b"lied", pickle.dumps(1), b"canary"])]
         status, reply = request(ctx, kv.endpoint, frames) or (None, [])
         assert status == Status.OK
@@ -377,7 +383,7 @@ class TestWellFramedButWrong:
 
     def test_pipeline_index_of_odd_length(self, kv: zkv.Store, client: zkv.Store,
                                           ctx: zmq.Context[Any]) -> None:
-        exc = error_of(request(ctx, kv.endpoint, [head(Op.PIPELINE), b"\x02\x00\x00"]))
+        exc = error_of(request(ctx, kv.endpoint, [head(ops.PIPELINE.code), b"\x02\x00\x00"]))
         assert isinstance(exc, zkv.ProtocolError)
 
     @pytest.mark.parametrize("body", [b"{not json", b"\xff\xfe", b"[1, 2]", b"{}",
@@ -397,34 +403,38 @@ class TestWellFramedButWrong:
         assert kv.stats()["sessions"] == sessions  # no session that could never be forgotten
 
     def test_modify_with_a_non_callable(self, kv: zkv.Store, ctx: zmq.Context[Any]) -> None:
-        frames = wire.pack_sections([[b"canary"], [pickle.dumps(42)], [pickle.dumps(None)]])
-        exc = error_of(request(ctx, kv.endpoint, [head(Op.MODIFY), *frames]))
+        frames = ops.MODIFY.encode("canary", 42, None)  # what a client would send, but 42
+        exc = error_of(request(ctx, kv.endpoint, [head(ops.MODIFY.code), *frames]))
         assert isinstance(exc, TypeError)
 
-    @pytest.mark.parametrize("op", [Op.GET, Op.DELETE, Op.CONTAINS, Op.POP, Op.SET, Op.INCR,
-                                    Op.SETDEFAULT, Op.MODIFY, Op.CAS, Op.TRANSACT, Op.LOCK,
-                                    Op.UNLOCK])
-    def test_missing_arguments(self, kv: zkv.Store, ctx: zmq.Context[Any], op: Op) -> None:
-        exc = error_of(request(ctx, kv.endpoint, [head(op)], hello=True))
+    @pytest.mark.parametrize("op", [ops.GET, ops.DELETE, ops.CONTAINS, ops.POP, ops.SET,
+                                    ops.INCR, ops.SETDEFAULT, ops.MODIFY, ops.CAS, ops.TRANSACT,
+                                    ops.LOCK, ops.UNLOCK, ops.EXPIRE, ops.TTL, ops.PERSIST,
+                                    ops.GET_MANY, ops.SET_MANY],
+                             ids=lambda op: op.name)
+    def test_missing_arguments(self, kv: zkv.Store, ctx: zmq.Context[Any],
+                               op: ops.Op[..., Any]) -> None:
+        exc = error_of(request(ctx, kv.endpoint, [head(op.code)], hello=True))
         assert isinstance(exc, (zkv.ProtocolError, zkv.DecodeError)), repr(exc)
         assert kv.stats()["refused"] == 1
 
     def test_key_that_is_not_utf8(self, kv: zkv.Store, ctx: zmq.Context[Any]) -> None:
-        exc = error_of(request(ctx, kv.endpoint, [head(Op.SET), b"\xff\xfe", pickle.dumps(1)]))
+        exc = error_of(request(ctx, kv.endpoint, [head(ops.SET.code), b"\xff\xfe", b"",
+                                                  pickle.dumps(1)]))
         assert isinstance(exc, zkv.ProtocolError)
         assert kv.stats()["keys"] == 1
 
     def test_incr_by_a_string(self, kv: zkv.Store, ctx: zmq.Context[Any]) -> None:
-        exc = error_of(request(ctx, kv.endpoint, [head(Op.INCR), b"canary",
+        exc = error_of(request(ctx, kv.endpoint, [head(ops.INCR.code), b"canary",
                                                    pickle.dumps("1")]))
         assert isinstance(exc, TypeError)
 
     def test_lock_before_hello_and_bad_timeout(self, kv: zkv.Store,
                                                ctx: zmq.Context[Any]) -> None:
-        frames = [head(Op.LOCK), b"l", b"token", b"1"]
+        frames = [head(ops.LOCK.code), b"l", b"token", b"1"]
         assert isinstance(error_of(request(ctx, kv.endpoint, frames, hello=False)),
                           zkv.ProtocolError)
-        frames = [head(Op.LOCK), b"l", b"token", b'"soon"']
+        frames = [head(ops.LOCK.code), b"l", b"token", b'"soon"']
         assert isinstance(error_of(request(ctx, kv.endpoint, frames, hello=True)), ValueError)
         assert kv.stats()["locks"] == 0
 
@@ -432,7 +442,7 @@ class TestWellFramedButWrong:
                                                    ctx: zmq.Context[Any]) -> None:
         # One-way: refused without an answer; a subscriber of every channel never sees it.
         with client.subscribe(prefix="") as everything:
-            assert request(ctx, kv.endpoint, [head(Op.PUBLISH), b"\xff", b"x"]) is None
+            assert request(ctx, kv.endpoint, [head(ops.PUBLISH.code), b"\xff", b"x"]) is None
             assert kv.stats()["refused"] == 1
             client.publish("ok", 1)
             message = everything.receive_message(timeout=15)

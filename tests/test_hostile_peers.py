@@ -28,9 +28,9 @@ import pytest
 import zmq
 
 import zkv
-from zkv import codec, wire
+from zkv import ops, wire
 from zkv.testing import wait_for
-from zkv.wire import Op, Status
+from zkv.wire import Status
 
 #: Seconds of random rounds (``make fuzz``); unset: the fixed set of ``make test``.
 FUZZ_SECONDS = float(os.environ.get("ZKV_FUZZ_SECONDS", "0") or 0)
@@ -59,40 +59,35 @@ def fill(store: zkv.Store) -> None:
 
 # -- what hostile peers send -----------------------------------------------------------------------
 
+def _samples(key: str, value: Any) -> dict[str, tuple[Any, ...]]:
+    """Arguments a real client could send, for every operation of the table."""
+    return {
+        "get": (key,), "set": (key, value, None), "delete": (key,), "get_all": (),
+        "keys": (), "len": (), "contains": (key,), "clear": (), "modify": (key, str, None),
+        "incr": (key, 1), "setdefault": ("new", value), "pop": (key,),
+        "compare_and_set": (key, zkv.MISSING, value), "transact": (dict.clear,),
+        "lock": ("L", b"t" * 16, None), "unlock": ("L", b"t" * 16),
+        "publish": ("chan", value), "bye": (), "stats": (), "cache_watch": ([""],),
+        "cache_unwatch": ([""],), "cache_sync": (), "get_many": ([key, "n2"],),
+        "set_many": ([(key, value), ("n3", value)], 5.0), "expire": (key, 0.001),
+        "ttl": (key,), "persist": (key,),
+    }
+
+
 def _well_formed(rng: random.Random) -> list[list[bytes]]:
-    """Requests a real client would send, once for each operation that changes data (the ones
-    that would do harm if they ran), with keys that exist."""
-    key = rng.choice(["n1", "text", "blob", "counter", "nested", "new"]).encode()
-    value = pickle.dumps(rng.random())
-
-    def header(op: int, merged: bytes | None = None) -> bytes:
-        rid = rng.randrange(1 << 32)
-        if merged is not None:
-            return wire.pack_header(rid, op | wire.MERGED) + merged
-        return wire.pack_header(rid, op)
-
-    sections = wire.pack_sections
-    dumps = codec.dumps
-    return [
-        [header(Op.CLEAR)],
-        [header(Op.DELETE, key)],
-        [header(Op.POP, key)],
-        [header(Op.SET, key), value],
-        [header(Op.SET_PACKED, wire.pack_key_value(key, value))],
-        [header(Op.SET_PLAIN, key), pickle.dumps([1])],
-        [header(Op.SET_MANY), b"", *wire.pack_frames([key]), *wire.pack_frames([value])],
-        [header(Op.INCR, key), pickle.dumps(1)],
-        [header(Op.SETDEFAULT, b"new"), value],
-        [header(Op.CAS), *sections([[key], dumps(zkv.MISSING), [value]])],
-        [header(Op.MODIFY), *sections([[key], dumps(str), dumps(None)])],
-        [header(Op.TRANSACT), *dumps(dict.clear)],
-        [header(Op.PIPELINE), b"".join(n.to_bytes(4, "little") for n in (Op.SET, 2)),
-         *wire.pack_frames([key, value])],
-        [header(Op.LOCK), b"L", b"t" * 16, b"null"],
-        [header(Op.PUBLISH), b"chan", value],
-        [header(Op.CACHE_WATCH), b""],
-        [header(Op.BYE)],
-    ]
+    """Requests a real client would send (made by the table's own encoders), one for every
+    operation, with keys that exist: the ones that write would do harm if they ran."""
+    key = rng.choice(["n1", "text", "blob", "counter", "nested", "new"])
+    samples = _samples(key, rng.random())
+    out = []
+    for op in ops.OPS.values():
+        if op is ops.PIPELINE:
+            frames = [b"".join(n.to_bytes(4, "little") for n in (ops.CLEAR.code, 0)),
+                      *wire.pack_frames([])]
+        else:
+            frames = op.encode(*samples[op.name])
+        out.append(wire.request(rng.randrange(1 << 32), op.code, frames))
+    return out
 
 
 def hostile_messages(rng: random.Random, count: int) -> Iterator[list[bytes]]:
@@ -122,13 +117,13 @@ def hostile_messages(rng: random.Random, count: int) -> Iterator[list[bytes]]:
 def _dealer_barrier(sock: zmq.Socket[Any]) -> None:
     """A request after everything else on this DEALER, and its answer: the owner has handled
     all that came before it on the same pipe."""
-    sock.send_multipart([wire.pack_header(BARRIER_RID, Op.GET | wire.MERGED) + b"n1"])
+    sock.send_multipart(wire.request(BARRIER_RID, ops.GET.code, [b"n1"]))
     deadline = time.monotonic() + 30
     while True:
         assert sock.poll(max(1, int((deadline - time.monotonic()) * 1000))), \
             "the owner stopped answering"
         reply = sock.recv_multipart()
-        rid, _status, _before, _after, _results = wire.parse_reply(reply[0], reply[1:])
+        rid = wire.parse_reply(reply[0], reply[1:])[0]
         if rid == BARRIER_RID:
             return
 
@@ -339,9 +334,10 @@ def test_a_request_before_hello_is_answered_with_an_error(kv: zkv.Store,
     sock.linger = 0
     sock.connect(kv.endpoint)
     try:
-        sock.send_multipart([wire.pack_header(5, Op.CLEAR)])
+        sock.send_multipart([wire.pack_header(5, ops.CLEAR.code)])
         assert sock.poll(30_000)
-        rid, status, _before, _after, results = wire.parse_reply(*_split(sock.recv_multipart()))
+        rid, status, _flags, _before, _after, results = wire.parse_reply(
+            *_split(sock.recv_multipart()))
     finally:
         sock.close()
     assert (rid, status) == (5, Status.ERROR)

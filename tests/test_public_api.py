@@ -30,6 +30,7 @@ EXPECTED_ALL = [
     "OwnerGoneError",
     "Pipeline",
     "ProtocolError",
+    "ReentrancyError",
     "RemoteError",
     "SerializationError",
     "Store",
@@ -92,6 +93,7 @@ class TestExceptionTree:
         (zkv.MessageTooLargeError, (zkv.ZkvError, ValueError)),
         (zkv.StoreClosedError, (zkv.ZkvError, RuntimeError)),
         (zkv.LockError, (zkv.ZkvError, RuntimeError)),
+        (zkv.ReentrancyError, (zkv.ZkvError, RuntimeError)),
         (zkv.ProtocolError, (zkv.ZkvError,)),
         (zkv.RemoteError, (zkv.ZkvError,)),
     ])

@@ -193,11 +193,11 @@ class TestRefusedPeers:
             sub = ctx.socket(zmq.SUB)
             sub.linger = 0
             sub.setsockopt(zmq.SUBSCRIBE, b"")
-            sub.connect(good._core.pub_address)
+            sub.connect(good._core.conn.pub_address)
             refused = tcp_owner.stats()["refused_auth"]
             # HELLO, then a SET: what a zkv client would send (header: rid u32, op u8).
-            dealer.send_multipart([b"zkv-helo\x02\x00" + b'{"pid": 1, "host": "x"}'])
-            dealer.send_multipart([b"\x02\0\0\0\x02", b"k", b"\x80\x04K\x01."])
+            dealer.send_multipart([b"zkv-helo\x03\x00" + b'{"pid": 1, "host": "x"}'])
+            dealer.send_multipart([b"\x02\0\0\0\x02\x00", b"k", b"", b"\x80\x04K\x01."])
             wait_for(lambda: tcp_owner.stats()["refused_auth"] >= refused + 2,
                      what="the owner refused both plain sockets")
             tcp_owner.publish("news", "for members only")

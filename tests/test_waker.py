@@ -11,7 +11,7 @@ import select
 import threading
 import time
 
-from zkv.waker import Waker
+from zkv.sockets import Waker
 
 
 def test_wakeups_racing_with_drain_are_never_lost() -> None:

@@ -204,7 +204,7 @@ def client_keys(keys: KeysOption, address: str) -> ClientKeys:
 class Authenticator:
     """Answers ZAP requests: lets in CURVE clients whose public key is allowed.
 
-    Runs in the owner's poller thread (see :mod:`zkv.server`). A directory of allowed keys is
+    Runs in the owner's loop thread (see :mod:`zkv.owner.sessions`). A directory of allowed keys is
     re-read when its modification time changes, so adding or removing a ``NAME.key`` file
     grants or revokes access for new connections without restarting the owner.
     """

@@ -32,7 +32,6 @@ invalidation takes to arrive plus at most ``DRAIN_INTERVAL`` (measured by ``zkv 
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -40,11 +39,11 @@ from typing import Any
 
 import zmq
 
-from . import codec, wire
+from . import codec, ops, wire
 from .codec import IMMUTABLE_TYPES
 from .errors import OwnerGoneError, ProtocolError, ZkvTimeoutError
 from .state import MISSING
-from .wire import Op, Status
+from .wire import Status
 
 __all__ = ["DRAIN_INTERVAL", "NOHIT", "ReadCache"]
 
@@ -57,7 +56,6 @@ NOHIT: Any = object()
 DRAIN_INTERVAL = 100e-6
 _ALIVE_INTERVAL = 0.1
 _RESEND = 0.25
-_SEQ = struct.Struct("<Q")
 
 
 class ReadCache:
@@ -96,7 +94,7 @@ class ReadCache:
         if prefix in self._prefixes:
             return
         with self._sock_lock:
-            seq, version = self._request(Op.CACHE_WATCH, [wire.key_bytes(prefix)])
+            seq, version = self._request(ops.CACHE_WATCH.code, [wire.key_bytes(prefix)])
             self._check_seq(seq, version)
         with self._mutex:
             self._global_floor = max(self._global_floor, version)
@@ -112,7 +110,13 @@ class ReadCache:
         if gone:
             with self._sock_lock:
                 if not self._closed:
-                    self._request(Op.CACHE_UNWATCH, [wire.key_bytes(p) for p in gone])
+                    self._request(ops.CACHE_UNWATCH.code, [wire.key_bytes(p) for p in gone])
+
+    def info(self) -> dict[str, int]:
+        """``hits``, ``misses``, ``entries`` (values held now) and ``flushes`` (times the
+        cache was dropped whole because invalidations were lost)."""
+        return {"hits": self.hits, "misses": self.misses, "entries": len(self._entries),
+                "flushes": self.flushes}
 
     def covers(self, key: str) -> bool:
         for prefix in self._prefixes:
@@ -219,7 +223,7 @@ class ReadCache:
             if count >= self._hwm // 2:
                 # A backlog this big may have overflowed, losing invalidations at its end
                 # where no later one shows the gap: ask the owner where the sequence is.
-                seq, version = self._request(Op.CACHE_SYNC, [])
+                seq, version = self._request(ops.CACHE_SYNC.code, [])
                 self._check_seq(seq, version)
             if now >= self._next_alive:
                 self._next_alive = now + _ALIVE_INTERVAL
@@ -248,7 +252,8 @@ class ReadCache:
                 resend = now + _RESEND
             if self._sock.poll(10):
                 reply = self._sock.recv_multipart()
-                got, status, _before, after, results = wire.parse_reply(reply[0], reply[1:])
+                got, status, _flags, _before, after, results = wire.parse_reply(reply[0],
+                                                                                 reply[1:])
                 if status == Status.INVALIDATE:
                     self._on_message(reply)
                     continue
@@ -256,7 +261,7 @@ class ReadCache:
                     continue
                 if status == Status.ERROR:
                     raise wire.decode_error(results)
-                seq = _SEQ.unpack(results[0])[0] if results else 0
+                seq = wire.unpack_seq(results[0]) if results else 0
                 return seq, after
             if not self._alive():
                 self.dead = True
@@ -272,7 +277,8 @@ class ReadCache:
 
     def _on_message(self, frames: list[bytes]) -> None:
         try:
-            _rid, status, seq, version, results = wire.parse_reply(frames[0], frames[1:])
+            _rid, status, _flags, seq, version, results = wire.parse_reply(frames[0],
+                                                                           frames[1:])
         except ProtocolError:
             return
         if status != Status.INVALIDATE or len(results) != 1:

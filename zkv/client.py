@@ -35,8 +35,8 @@ from typing import Any
 
 import zmq
 
-from . import auth, blobs, codec, endpoint, reentry, wire
-from .codec import Frame
+from . import auth, blobs, codec, endpoint, ops, reentry, wire
+from .codec import SMALL, Frame
 from .config import Options
 from .errors import (
     AuthenticationError,
@@ -49,7 +49,8 @@ from .errors import (
     ZkvError,
     ZkvTimeoutError,
 )
-from .wire import Op
+from .sockets import poll as _poll
+from .sockets import raw_send, recv_message, recv_reply, recv_rest, send_frames
 
 __all__ = ["Connection", "IpcWatch", "TcpWatch"]
 
@@ -59,20 +60,16 @@ _SLICE = 0.1  # seconds between owner-liveness checks while a request waits
 _SLICE_MS = int(_SLICE * 1000)
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
-_poll = zmq.zmq_poll  # counts its timeout down across signals (a blocking recv restarts it)
 _MAX_SOCKETS = 65_536
-_LARGE = 64 * 1024
 
 
-_GET = int(Op.GET)
-_GET_MANY = int(Op.GET_MANY)
-_SMALL_ARG = 64 * 1024  # bytes: a larger argument goes the general way (size and blob checks)
 _NOBLOCK = int(zmq.NOBLOCK)
 _REPLY_SIZE = wire.REPLY_HEADER.size
+_FLAGS_AT = 5  # where the flags byte is in a reply header (after rid u32, status u8)
 _pack_header = wire.REQUEST_HEADER.pack
 _unpack_reply = wire.REPLY_HEADER.unpack_from
 _UNUSUAL = wire.MORE | wire.SPILLED  # replies request_small leaves to the general path
-_STATUS = ~wire.MERGED
+_MERGED = wire.MERGED
 _get_ident = threading.get_ident
 
 
@@ -87,6 +84,11 @@ def _private_dir(path: Any) -> str | None:
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
         return None
     return path
+
+
+def _name(op: int) -> str:
+    known = ops.BY_CODE.get(op)
+    return known.name if known is not None else f"operation {op}"
 
 
 def _context() -> zmq.Context[Any]:
@@ -260,8 +262,8 @@ class Connection:
         #: until HELLO has been answered (so HELLO itself never goes by file).
         self.blob_dir: str | None = None
         self.blob_threshold = 0
-        # Flags of a small request: (other ops, GET); a GET may be answered with file names.
-        self._small_flags = (wire.MERGED, wire.MERGED)
+        # Flags of a small request whose reply may name files (a read).
+        self._refs = wire.MERGED
         self._small_limit = 0  # bytes: larger arguments take the general path (size checks)
         self.max_message_size = options.max_message_size
         codec.register_main_by_value()
@@ -280,11 +282,11 @@ class Connection:
         self.pub_address: str = self.endpoint.pub_address(info["pub"])
         self.max_message_size = int(info.get("max_message_size", options.max_message_size))
         self.hwm = int(info.get("hwm", options.hwm))
-        self._small_limit = min(_SMALL_ARG, self.max_message_size - 64)
+        self._small_limit = min(SMALL, self.max_message_size - 64)
         self.blob_dir = _private_dir(info.get("blobs"))
         self.blob_threshold = int(info.get("blob_threshold", 0) or 0)
         if self.blob_dir is not None:
-            self._small_flags = (wire.MERGED, wire.MERGED | wire.REFS)
+            self._refs = wire.MERGED | wire.REFS
 
     def _hello(self, sock: zmq.Socket[Any], timeout: float) -> dict[str, Any]:
         """Say HELLO on ``sock`` and return the owner's welcome. Raises ProtocolError if the
@@ -308,7 +310,7 @@ class Connection:
                 if time.monotonic() >= deadline:
                     raise ZkvTimeoutError(f"no welcome from the zkv owner within {timeout}s")
                 continue
-            frames = wire.recv_message(sock, _NOBLOCK)
+            frames = recv_message(sock, _NOBLOCK)
             greeting = wire.parse_greeting(wire.WELCOME_MAGIC, frames[0]) \
                 if len(frames) == 1 else None
             if greeting is None:
@@ -402,40 +404,32 @@ class Connection:
     def _check_size(self, frames: Sequence[Frame]) -> None:
         # Even one frame over the limit must be caught here: the owner's ZeroMQ would drop the
         # connection without a word, and the caller would wait for its timeout.
-        if len(frames) > 1 or (frames and len(frames[0]) > min(_LARGE, self.max_message_size - 64)):
+        if len(frames) > 1 or (frames and len(frames[0]) > min(SMALL, self.max_message_size - 64)):
             size = codec.frames_size(frames)
             if size > self.max_message_size:
                 raise MessageTooLargeError(
                     f"message of {size} bytes is over the store's max_message_size "
                     f"({self.max_message_size} bytes); nothing was sent")
 
-    def request(self, op: int, frames: Sequence[Frame],
-                timeout: float | None = None) -> tuple[int, list[Any]]:
-        """Send a request and wait for its reply; return ``(status, frames)``.
+    def request(self, op: int, frames: Sequence[Frame], timeout: float | None = None,
+                named: bool = False) -> tuple[int, list[Any], int, int]:
+        """Send request ``op`` and wait for its reply; return ``(status, results, before,
+        after)``: ``before``/``after`` are the store's change counter just before and just
+        after the owner applied it (see :mod:`zkv.wire`).
 
         ``timeout`` defaults to the store's; ``float("inf")`` waits as long as the owner lives.
-        Raises ZkvTimeoutError, OwnerGoneError, MessageTooLargeError or StoreClosedError.
-        """
-        status, reply, _before, _after = self.request_versioned(op, frames, timeout)
-        return status, reply
-
-    def request_versioned(self, op: int, frames: Sequence[Frame], timeout: float | None = None,
-                          named: bool = True) -> tuple[int, list[Any], int, int]:
-        """Like :meth:`request`, also returning the store's change counter just before and
-        just after the owner applied the request (see :mod:`zkv.wire`).
-
-        With a blob directory, large frames of the request go by file, and (unless
-        ``named`` is false) a read's reply may name files that hold large frames."""
+        With a blob directory, large frames of the request go by file, and (if ``named``) the
+        reply may name files that hold large frames. Raises ZkvTimeoutError, OwnerGoneError,
+        MessageTooLargeError, StoreClosedError or ZkvConnectionError."""
         if self._lost:
             raise OwnerGoneError(f"the zkv owner at {self.address} is gone")
         ts = self._thread_socket()
         self._check_size(frames)
+        flags = 0
         if self.blob_dir is not None:
-            if op == _GET or op == _GET_MANY:
-                if named:
-                    op |= wire.REFS
-            else:
-                op, frames = self._spill(op, frames)
+            flags, frames = self._spill(frames)
+            if named:
+                flags |= wire.REFS
         rid = ts.rid = (ts.rid + 1) & 0xFFFFFFFF
         if timeout is None:
             timeout = self.options.timeout
@@ -444,8 +438,9 @@ class Connection:
         busy = self._busy
         busy.add(me)
         try:
-            self._send(ts, wire.request(rid, op, frames), deadline)
-            status, results, before, after = self._receive(ts, rid, op, deadline, timeout)
+            self._send(ts, wire.request(rid, op, frames, flags), deadline)
+            status, rflags, results, before, after = self._receive(ts, rid, op, deadline,
+                                                                   timeout)
         except ZkvError:
             raise  # a timeout or a dead owner: the socket is fine (late replies are dropped)
         except zmq.ZMQError as exc:
@@ -456,7 +451,7 @@ class Connection:
             raise
         finally:
             busy.discard(me)
-        if status & wire.SPILLED:
+        if rflags & wire.SPILLED:
             return self._read_named(op, frames, timeout, status, results, before, after)
         return status, results, before, after
 
@@ -469,42 +464,43 @@ class Connection:
         try:
             results = blobs.read_spilled(self.blob_dir, results)
         except (OSError, ValueError):
-            return self.request_versioned(op & wire.OP_MASK, frames, timeout, named=False)
-        return status & ~wire.SPILLED, results, before, after
+            return self.request(op, frames, timeout, named=False)
+        return status, results, before, after
 
-    def request_small(self, op: int, arg: bytes) -> tuple[int, list[Any], int, int]:
-        """:meth:`request_versioned` of a request with one small argument (a get, a small set):
-        the same result, with as few Python calls as it takes. Each call on this path costs a
-        microsecond or two, not a tenth of one: the wait in ``recv`` leaves the CPU caches
+    def request_small(self, op: int, arg: bytes, named: bool = False
+                      ) -> tuple[int, list[Any], int, int]:
+        """:meth:`request` of a request with one small argument (a get, a small set): the
+        same result, with as few Python calls as it takes. Each call on this path costs a
+        microsecond or two, not a tenth of one: the wait for the reply leaves the CPU caches
         cold, and a small round trip is only about 100 µs."""
         ts = getattr(self._local, "ts", None)
         if ts is None or self._lost or len(arg) > self._small_limit:
-            return self.request_versioned(op, [arg])
+            return self.request(op, [arg], named=named)
         sock = ts.sock
         rid = ts.rid = (ts.rid + 1) & 0xFFFFFFFF
         me = _get_ident()
         busy = self._busy
         busy.add(me)
         try:
-            message = _pack_header(rid, op | self._small_flags[op == _GET]) + arg
+            message = _pack_header(rid, op, self._refs if named else _MERGED) + arg
             try:
-                wire.raw_send(sock, message, _NOBLOCK)
+                raw_send(sock, message, _NOBLOCK)
             except zmq.Again:  # the owner is behind: wait for room, up to the timeout
                 self._send(ts, [message], time.monotonic() + self.options.timeout)
             # A poll, then a recv that does not wait: a blocking recv would restart its
             # timeout after every signal (pyzmq retries on EINTR), a poll counts it down.
             head = sock.recv(_NOBLOCK) if _poll(ts.items, _SLICE_MS) else None
             if head is not None and len(head) >= _REPLY_SIZE:
-                got, status, before, after = _unpack_reply(head)
-                if got == rid and not status & _UNUSUAL:
-                    return (status & _STATUS, [head[_REPLY_SIZE:]] if status & wire.MERGED
-                            else [], before, after)
+                got, status, flags, before, after = _unpack_reply(head)
+                if got == rid and not flags & _UNUSUAL:
+                    return (status, [head[_REPLY_SIZE:]] if flags & _MERGED else [], before,
+                            after)
             # Anything else (a late reply, more frames, named files, a long wait): as usual.
             reply: list[Any] | None = None
             if head is not None:
-                reply = [head, *wire.recv_rest(sock)] if len(head) > 4 and head[4] & wire.MORE \
-                    else [head]
-            status, results, before, after = self._receive(
+                reply = [head, *recv_rest(sock)] if len(head) > _FLAGS_AT and \
+                    head[_FLAGS_AT] & wire.MORE else [head]
+            status, flags, results, before, after = self._receive(
                 ts, rid, op, time.monotonic() + self.options.timeout, self.options.timeout,
                 reply)
         except ZkvError:
@@ -517,16 +513,17 @@ class Connection:
             raise
         finally:
             busy.discard(me)
-        if status & wire.SPILLED:
+        if flags & wire.SPILLED:
             return self._read_named(op, [arg], None, status, results, before, after)
         return status, results, before, after
 
     def _receive(self, ts: _ThreadSocket, rid: int, op: int, deadline: float,
                  timeout: float, reply: list[Any] | None = None
-                 ) -> tuple[int, list[Any], int, int]:
+                 ) -> tuple[int, int, list[Any], int, int]:
         """Wait for the reply to request ``rid`` (starting with ``reply`` if one has already
-        been received), checking every slice that the owner lives. The deadline is absolute:
-        signals (which make pyzmq restart a blocking recv) do not stretch it."""
+        been received), checking every slice that the owner lives; return ``(status, flags,
+        results, before, after)``. The deadline is absolute: signals (which make pyzmq
+        restart a blocking recv) do not stretch it."""
         sock = ts.sock
         while True:
             if reply is None:
@@ -534,24 +531,24 @@ class Connection:
                 if wait > 0 and _poll(ts.items, max(1, int(wait * 1000))):
                     # Copying costs nothing more: every value is copied once when it is
                     # unpickled anyway.
-                    reply = wire.recv_reply(sock, _NOBLOCK)
+                    reply = recv_reply(sock, _NOBLOCK)
                 else:
                     self._check_owner()
                     if time.monotonic() >= deadline:
                         raise ZkvTimeoutError(
-                            f"no reply from the zkv owner within {timeout}s "
-                            f"({Op(op & wire.OP_MASK).name}); the timeout is settable per "
-                            "store (timeout=...) or with ZKV_TIMEOUT"
-                        ) from None
+                            f"no reply from the zkv owner within {timeout}s ({_name(op)}); "
+                            "the timeout is settable per store (timeout=...) or with "
+                            "ZKV_TIMEOUT") from None
                     continue
             try:
-                got, status, before, after, results = wire.parse_reply(reply[0], reply[1:])
+                got, status, flags, before, after, results = wire.parse_reply(reply[0],
+                                                                              reply[1:])
             except ProtocolError:
                 log.warning("dropped a malformed reply")
                 reply = None
                 continue
             if got == rid:
-                return status, results, before, after
+                return status, flags, results, before, after
             reply = None  # the late reply of a request that timed out
 
     def send(self, op: int, frames: Sequence[Frame]) -> None:
@@ -561,11 +558,12 @@ class Connection:
             raise OwnerGoneError(f"the zkv owner at {self.address} is gone")
         ts = self._thread_socket()
         self._check_size(frames)
+        flags = 0
         if self.blob_dir is not None:
-            op, frames = self._spill(op, frames)
+            flags, frames = self._spill(frames)
         deadline = time.monotonic() + self.options.timeout
         try:
-            self._send(ts, wire.request(0, op, frames), deadline)
+            self._send(ts, wire.request(0, op, frames, flags), deadline)
         except ZkvError:
             raise
         except zmq.ZMQError as exc:
@@ -575,15 +573,15 @@ class Connection:
             self._abandon(ts)
             raise
 
-    def _spill(self, op: int, frames: Sequence[Frame]) -> tuple[int, Sequence[Frame]]:
-        """``(op, frames)`` with the request's large frames sent by file (zkv.blobs), when
+    def _spill(self, frames: Sequence[Frame]) -> tuple[int, Sequence[Frame]]:
+        """``(flags, frames)`` with the request's large frames sent by file (zkv.blobs), when
         this process can use the owner's blob directory and some frame is that large."""
         assert self.blob_dir is not None
         if len(frames) > 1 or (frames and len(frames[0]) >= self.blob_threshold):
             spilled = blobs.spill(self.blob_dir, frames, self.blob_threshold)
             if spilled is not None:
-                return op | wire.SPILLED, spilled
-        return op, frames
+                return wire.SPILLED, spilled
+        return 0, frames
 
     def _send(self, ts: _ThreadSocket, frames: list[Frame], deadline: float) -> None:
         """Send one message, waiting (up to ``deadline``) while the owner's queue is full.
@@ -591,7 +589,7 @@ class Connection:
         sock = ts.sock
         while True:
             try:
-                wire.send_frames(sock, frames)
+                send_frames(sock, frames)
                 return
             except zmq.Again:
                 pass
@@ -633,7 +631,7 @@ class Connection:
         if not self._lost and hasattr(self, "owner_pid"):
             try:  # best effort, never waiting: the owner also notices a dead process
                 sock = self._watch.session_socket or self._thread_socket().sock
-                sock.send_multipart(wire.request(0, Op.BYE, []), zmq.NOBLOCK)
+                sock.send_multipart(wire.request(0, ops.BYE.code, []), zmq.NOBLOCK)
             except Exception:
                 pass
         self._closed = True

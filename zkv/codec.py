@@ -29,7 +29,8 @@ import cloudpickle
 
 from .errors import DecodeError, EncodeError
 
-__all__ = ["IMMUTABLE_TYPES", "PLAIN_TYPES", "RAW_THRESHOLD", "Frame", "dumps", "dumps_many",
+__all__ = ["IMMUTABLE_TYPES", "PLAIN_TYPES", "RAW_THRESHOLD", "SMALL", "Frame", "dumps",
+           "dumps_many",
            "dumps_plain", "frame_size", "frames_size", "loads", "loads_plain"]
 
 #: Anything zkv can put in a frame: bytes, a memoryview, or a ``zmq.Frame``.
@@ -43,11 +44,15 @@ IMMUTABLE_TYPES: frozenset[type] = frozenset(
 #: Types of the values :func:`dumps_plain` takes: plain data whose pickle names no class.
 PLAIN_TYPES: frozenset[type] = frozenset({str, int, float, bool, type(None), bytes})
 
+#: Frames smaller than this are *small*: copied (into a pickle, a joined frame, a header
+#: frame) where that saves a frame. Larger ones travel as frames of their own, not copied.
+SMALL = 64 * 1024
+
 #: ``bytes`` values at least this large travel as their own frame, without pickling.
-RAW_THRESHOLD = 64 * 1024
+RAW_THRESHOLD = SMALL
 
 #: Out-of-band buffers smaller than this are kept inside the pickle (fewer frames).
-_OOB_THRESHOLD = 64 * 1024
+_OOB_THRESHOLD = SMALL
 
 _PROTOCOL = 5
 _SCALARS = (str, int, float, bool, type(None), complex)

@@ -29,7 +29,7 @@ import zmq
 from . import wire
 from .errors import OwnerGoneError, ProtocolError, ZkvTimeoutError
 from .pubsub import REPROBE_AFTER, GapCounter, Topics, decode, open_sub_socket
-from .waker import Waker
+from .sockets import Waker
 from .wire import Kind
 
 __all__ = ["Dispatcher"]

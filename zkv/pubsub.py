@@ -28,6 +28,7 @@ import zmq.asyncio
 
 from . import codec, wire
 from .errors import OwnerGoneError, ProtocolError, StoreClosedError, ZkvTimeoutError
+from .sockets import recv_message
 from .wire import Kind
 
 __all__ = ["Change", "Message", "Subscriber", "Topics"]
@@ -56,8 +57,9 @@ class Message:
 
 @dataclasses.dataclass(frozen=True)
 class Change:
-    """A change to a key: ``kind`` is ``"set"`` or ``"delete"``; ``value`` is the new value
-    (None for a delete); ``version`` is the store's change counter after the change."""
+    """A change to a key: ``kind`` is ``"set"``, ``"delete"`` or ``"expire"`` (the key's time
+    to live ran out); ``value`` is the new value (None for a delete or an expiry); ``version``
+    is the store's change counter after the change."""
 
     key: str
     kind: str
@@ -133,7 +135,8 @@ def _message(topic: bytes, seq: int, version: int, kind: int, frames: Sequence[A
     if kind == Kind.SET:
         value = codec.loads(frames) if frames else None
         return Message(name, Change(name, "set", value, version), seq)
-    return Message(name, Change(name, "delete", None, version), seq)
+    return Message(name, Change(name, "expire" if kind == Kind.EXPIRE else "delete", None,
+                                version), seq)
 
 
 class GapCounter:
@@ -283,7 +286,7 @@ class Subscriber:
                 if self._closed:
                     raise StoreClosedError("this subscriber is closed")
                 try:  # what is queued already is taken without waiting (the fast path)
-                    frames = wire.recv_message(self._sock, _NOBLOCK)
+                    frames = recv_message(self._sock, _NOBLOCK)
                 except zmq.Again:
                     frames = None
                 if frames is not None:
@@ -344,7 +347,7 @@ class Subscriber:
                     if self._closed:
                         raise StoreClosedError("this subscriber is closed")
                     try:
-                        frames = wire.recv_message(self._sock, _NOBLOCK)
+                        frames = recv_message(self._sock, _NOBLOCK)
                     except zmq.Again:
                         continue
                 message = self._take(frames)

@@ -15,13 +15,23 @@ or both:
   :class:`~zkv.EncodeError`.
 
 All changes take :attr:`State.lock`, so each operation is atomic and they happen in one order;
-reads of a single key take no lock.
+reads of a single key take no lock. Nothing outside this module touches the dictionary.
+
+Expiry: a key may carry a deadline on the owner's monotonic clock (a worker's clock never
+matters). A key past its deadline is invisible to every read at once; it is removed when read,
+and in the background by :meth:`State.purge_expired` (the owner's loop calls it), with a
+change of kind :data:`EXPIRE`. ``set``/``set_many`` without a ``ttl`` clear a key's deadline;
+operations that change a value in place (``modify``, ``incr``, ``compare_and_set``,
+``setdefault``, a ``transact`` write to an existing key) keep it.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 import threading
-from collections.abc import Callable, Iterator, MutableMapping
+import time
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 
 from . import codec
@@ -29,7 +39,8 @@ from .codec import IMMUTABLE_TYPES, Frame
 from .errors import EncodeError, StoreClosedError
 from .reentry import run_user_code
 
-__all__ = ["MISSING", "Entry", "State", "TransactionView"]
+__all__ = ["DELETE", "EXPIRE", "MISSING", "SET", "Entry", "State", "TransactionView",
+           "check_ttl"]
 
 
 class _Missing:
@@ -61,6 +72,21 @@ _NOOBJ: Any = object()
 #: Change kinds given to :attr:`State.on_change`.
 SET = 1
 DELETE = 2
+EXPIRE = 3
+
+_now = time.monotonic
+
+
+def check_ttl(ttl: object, what: str = "ttl") -> float | None:
+    """A time to live as given by a caller: None, or a finite number of seconds > 0. Raises
+    TypeError or ValueError (naming ``what`` and the value) for anything else."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, not {type(ttl).__name__}")
+    if not (ttl > 0 and math.isfinite(ttl)):
+        raise ValueError(f"{what} must be a finite number of seconds > 0, not {ttl!r}")
+    return float(ttl)
 
 
 class Entry:
@@ -123,61 +149,158 @@ class Entry:
 
 ChangeHook = Callable[[int, str, "Entry | None", int], None]
 
+#: Expired keys removed per call of :meth:`State.purge_expired` (the rest: next time).
+PURGE_BATCH = 10_000
+
 
 class State:
     """The key-value data of one owner, with its atomic operations.
 
     Set :attr:`on_change` to be called (under the lock, in the order changes are applied)
-    with ``(kind, key, entry_or_None, version)`` after every change.
+    with ``(kind, key, entry_or_None, version)`` after every change. :attr:`version` counts
+    the changes applied so far: a reader that sees version N sees every change up to N.
     """
 
     def __init__(self) -> None:
-        self.data: dict[str, Entry] = {}
+        self._data: dict[str, Entry] = {}
+        self._deadlines: dict[str, float] = {}  # key -> monotonic time it expires
+        self._heap: list[tuple[float, str]] = []  # (deadline, key); stale items are skipped
         self.lock = threading.RLock()
         self.version = 0
         self.on_change: ChangeHook | None = None
         #: Called before a write while someone watches (``on_change`` is set), holding no
         #: lock: the owner makes writing threads wait there while its queue of change events
-        #: is full, as publishing threads do (see Server.wait_for_room).
+        #: is full, as publishing threads do (see the owner's loop).
         self.pace: Callable[[], None] | None = None
 
-    # -- writes: callers outside this class hold no lock; every method takes it ----------------
+    # -- changes (callers hold the lock) -------------------------------------------------------
 
     def _put(self, key: str, entry: Entry) -> None:
         # Store first, count second: a reader that sees version N sees every change <= N.
-        self.data[key] = entry
+        self._data[key] = entry
         self.version += 1
         hook = self.on_change
         if hook is not None:
             hook(SET, key, entry, self.version)
 
-    def _remove(self, key: str) -> Entry | None:
-        entry = self.data.pop(key, None)
+    def _remove(self, key: str, kind: int = DELETE) -> Entry | None:
+        entry = self._data.pop(key, None)
         if entry is not None:
+            if self._deadlines:
+                self._deadlines.pop(key, None)
             self.version += 1
             hook = self.on_change
             if hook is not None:
-                hook(DELETE, key, None, self.version)
+                hook(kind, key, None, self.version)
         return entry
+
+    def _set_deadline(self, key: str, ttl: float | None) -> None:
+        if ttl is None:
+            if self._deadlines:
+                self._deadlines.pop(key, None)
+            return
+        deadline = _now() + ttl
+        self._deadlines[key] = deadline
+        heapq.heappush(self._heap, (deadline, key))
+        if len(self._heap) > 2 * len(self._deadlines) + 1024:  # mostly stale: rebuild
+            self._heap = [(d, k) for k, d in self._deadlines.items()]
+            heapq.heapify(self._heap)
+
+    def _live(self, key: str) -> Entry | None:
+        """The entry of ``key`` if it exists and has not expired (an expired one is removed
+        now). Callers hold the lock."""
+        entry = self._data.get(key)
+        if entry is not None and self._deadlines:
+            deadline = self._deadlines.get(key)
+            if deadline is not None and deadline <= _now():
+                self._remove(key, EXPIRE)
+                return None
+        return entry
+
+    def _purge_due(self) -> None:
+        """Remove every key whose deadline has passed (before a read of many keys)."""
+        if self._heap and self._heap[0][0] <= _now():
+            self.purge_expired(limit=None)
 
     def _pace(self) -> None:
         pace = self.pace
         if pace is not None:
             pace()
 
-    def put(self, key: str, entry: Entry) -> None:
+    # -- reads ---------------------------------------------------------------------------------
+
+    def get(self, key: str) -> Entry | None:
+        """The entry of ``key``, or None if it is missing or expired (no lock taken unless it
+        has just expired)."""
+        entry = self._data.get(key)
+        if entry is None or not self._deadlines:
+            return entry
+        deadline = self._deadlines.get(key)
+        if deadline is None or deadline > _now():
+            return entry
+        with self.lock:
+            return self._live(key)
+
+    def contains(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def get_many(self, keys: Iterable[str]) -> list[Entry | None]:
+        """The entries of ``keys`` (None where missing), read atomically."""
+        with self.lock:
+            if not self._deadlines:
+                return list(map(self._data.get, keys))
+            return [self._live(key) for key in keys]
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """The keys (starting with ``prefix``), read atomically."""
+        with self.lock:
+            self._purge_due()
+            if not prefix:
+                return list(self._data)
+            return [key for key in self._data if key.startswith(prefix)]
+
+    def length(self) -> int:
+        with self.lock:
+            self._purge_due()
+            return len(self._data)
+
+    def items(self, prefix: str = "") -> list[tuple[str, Entry]]:
+        """(key, entry) pairs (of keys starting with ``prefix``), read atomically."""
+        with self.lock:
+            self._purge_due()
+            if not prefix:
+                return list(self._data.items())
+            return [(k, e) for k, e in self._data.items() if k.startswith(prefix)]
+
+    def ttl(self, key: str) -> float | Any | None:
+        """Seconds until ``key`` expires, None if it has no deadline, MISSING if it is
+        missing."""
+        with self.lock:
+            if self._live(key) is None:
+                return MISSING
+            deadline = self._deadlines.get(key)
+            return None if deadline is None else max(0.0, deadline - _now())
+
+    # -- writes: callers outside this class hold no lock; every method takes it ----------------
+
+    def put(self, key: str, entry: Entry, ttl: float | None = None) -> None:
+        """Set ``key`` (its deadline: ``ttl`` seconds from now, or none)."""
         if self.on_change is not None:
             self._pace()
         with self.lock:
+            self._set_deadline(key, ttl)
             self._put(key, entry)
 
-    def put_many(self, items: list[tuple[str, Entry]]) -> None:
+    def put_many(self, items: list[tuple[str, Entry]], ttl: float | None = None) -> None:
         if self.on_change is not None:
             self._pace()
         with self.lock:
+            if ttl is not None or self._deadlines:
+                for key, _entry in items:
+                    self._set_deadline(key, ttl)
             hook = self.on_change
             if hook is None:  # nobody watches: one dict update, at C speed
-                self.data.update(items)
+                self._data.update(items)
                 self.version += len(items)  # (stored first, counted second, as in _put)
                 return
             for key, entry in items:
@@ -188,21 +311,41 @@ class State:
         if self.on_change is not None:
             self._pace()
         with self.lock:
+            if self._live(key) is None:
+                return None
             return self._remove(key)
 
-    def clear(self) -> None:
+    def pop(self, key: str, travel: bool = False) -> Entry | None:
+        """Remove ``key`` and return its entry (None if missing). ``travel=True`` (a client's
+        request): the value must be picklable, else EncodeError and nothing changes."""
         if self.on_change is not None:
             self._pace()
         with self.lock:
-            for key in list(self.data):
+            entry = self._live(key)
+            if entry is None:
+                return None
+            if travel:
+                entry.wire()  # fails before the key is removed if it cannot travel
+            return self._remove(key)
+
+    def clear(self, prefix: str = "") -> int:
+        """Remove every key (starting with ``prefix``); return how many."""
+        if self.on_change is not None:
+            self._pace()
+        with self.lock:
+            self._purge_due()
+            doomed = [k for k in self._data if k.startswith(prefix)] if prefix \
+                else list(self._data)
+            for key in doomed:
                 self._remove(key)
+            return len(doomed)
 
     def setdefault(self, key: str, entry: Entry) -> Entry:
         """The entry of ``key``, setting it to ``entry`` first if missing."""
         if self.on_change is not None:
             self._pace()
         with self.lock:
-            current = self.data.get(key)
+            current = self._live(key)
             if current is not None:
                 return current
             self._put(key, entry)
@@ -216,7 +359,7 @@ class State:
         if self.on_change is not None:
             self._pace()
         with self.lock:
-            current = self.data.get(key)
+            current = self._live(key)
             old = current.load() if current is not None else default
             entry = Entry.from_object(run_user_code(fn, old))
             if travel:
@@ -231,7 +374,7 @@ class State:
         if self.on_change is not None:
             self._pace()
         with self.lock:
-            current = self.data.get(key)
+            current = self._live(key)
             old = current.load() if current is not None else 0
             if type(old) not in (int, float):
                 raise TypeError(
@@ -247,7 +390,7 @@ class State:
         if self.on_change is not None:
             self._pace()
         with self.lock:
-            current = self.data.get(key)
+            current = self._live(key)
             if current is None:
                 matches = expected is MISSING
             else:
@@ -264,6 +407,7 @@ class State:
         if self.on_change is not None:
             self._pace()
         with self.lock:
+            self._purge_due()
             view = TransactionView(self)
             try:
                 result = run_user_code(fn, view)
@@ -282,12 +426,42 @@ class State:
                     self._put(key, entry)
             return result
 
-    # -- reads -----------------------------------------------------------------------------------
-
-    def snapshot(self) -> dict[str, Entry]:
-        """A copy of the key -> entry mapping, taken atomically."""
+    def expire(self, key: str, ttl: float) -> bool:
+        """Make ``key`` expire ``ttl`` seconds from now; False if it is missing."""
         with self.lock:
-            return dict(self.data)
+            if self._live(key) is None:
+                return False
+            self._set_deadline(key, ttl)
+            return True
+
+    def persist(self, key: str) -> bool:
+        """Remove the deadline of ``key``; False if it is missing or had none."""
+        with self.lock:
+            if self._live(key) is None or key not in self._deadlines:
+                return False
+            del self._deadlines[key]
+            return True
+
+    def purge_expired(self, limit: int | None = PURGE_BATCH) -> int:
+        """Remove up to ``limit`` keys whose deadline has passed (None: all of them); return
+        how many. Each one is a change of kind :data:`EXPIRE`."""
+        removed = 0
+        with self.lock:
+            heap, deadlines = self._heap, self._deadlines
+            now = _now()
+            while heap and heap[0][0] <= now and (limit is None or removed < limit):
+                deadline, key = heapq.heappop(heap)
+                if deadlines.get(key) == deadline:  # not a stale heap item
+                    self._remove(key, EXPIRE)
+                    removed += 1
+            if not deadlines and heap:
+                heap.clear()
+        return removed
+
+    @property
+    def expiring(self) -> int:
+        """Keys that have a deadline."""
+        return len(self._deadlines)
 
 
 class TransactionView(MutableMapping[str, Any]):
@@ -313,7 +487,7 @@ class TransactionView(MutableMapping[str, Any]):
             if value is MISSING:
                 raise KeyError(key)
             return value
-        entry = self._state.data.get(key)
+        entry = self._state._live(key)
         if entry is None:
             raise KeyError(key)
         return entry.load()  # a copy, as everywhere: assign it back to change the store
@@ -332,14 +506,14 @@ class TransactionView(MutableMapping[str, Any]):
         self._check(key)
         if key in self._changes:
             return self._changes[key] is not MISSING  # type: ignore[index]
-        return key in self._state.data
+        return self._state._live(key) is not None  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[str]:
         if self._closed:
             raise StoreClosedError("the transaction is over; this view cannot be used any more")
-        seen = [k for k in self._state.data if self._changes.get(k, None) is not MISSING]
-        added = [k for k, v in self._changes.items()
-                 if v is not MISSING and k not in self._state.data]
+        data = self._state._data  # (expired keys were purged when the transaction began)
+        seen = [k for k in data if self._changes.get(k, None) is not MISSING]
+        added = [k for k, v in self._changes.items() if v is not MISSING and k not in data]
         return iter(seen + added)
 
     def __len__(self) -> int:

@@ -1,8 +1,9 @@
-"""The public face of zkv: :class:`Store`, and :func:`store`, :func:`serve`, :func:`connect`.
+"""The public face of zkv: :class:`Store` and :class:`Pipeline`, and :func:`store`,
+:func:`serve`, :func:`connect`.
 
-A :class:`Store` looks the same in every process. In the owner its operations go straight to
-the data (:class:`~zkv.local.LocalCore`); in any other process they are requests to the owner
-(:class:`~zkv.remote.RemoteCore`).
+A :class:`Store` looks the same in every process: it checks the caller's arguments and hands
+each operation to its :class:`~zkv.core.Core` — in the owner the owner-local core, which applies
+it to the data in this process; anywhere else the remote core, which sends it to the owner.
 
 Fork safety: after ``os.fork()`` the child never touches its parent's ZeroMQ context or
 sockets. Every live store in the child drops its parent's core (it is kept referenced, never
@@ -19,24 +20,35 @@ import multiprocessing.util
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from typing import Any, TypeVar
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    ValuesView,
+)
+from typing import Any, ParamSpec, TypeVar
 
 from . import endpoint as _endpoint
-from . import reentry
+from . import ops, reentry
 from .config import Options
+from .core import Call, Core
 from .dispatch import Dispatcher
 from .errors import NoOwnerError, StoreClosedError
-from .local import LocalCore
 from .locks import Lock
+from .ops import Op
+from .owner.local import LocalCore
 from .pubsub import Subscriber, Topics
 from .remote import RemoteCore
-from .state import MISSING
+from .state import MISSING, check_ttl
 
 __all__ = ["Pipeline", "Store", "connect", "serve", "store"]
 
-Core = LocalCore | RemoteCore
 F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def _bad_key(key: object) -> None:
@@ -44,29 +56,111 @@ def _bad_key(key: object) -> None:
         raise TypeError(f"zkv keys must be str, not {type(key).__name__}: {key!r:.60}")
 
 
+def _check_amount(amount: object) -> None:
+    if type(amount) not in (int, float):
+        raise TypeError(f"incr amount must be an int or float, not {type(amount).__name__}")
+
+
 class _Closed:
     """Stands in for the core of a closed store: every use raises StoreClosedError."""
 
     is_owner = False
+    endpoint = ""
 
-    def __getattr__(self, name: str) -> Any:
+    def _closed(self) -> Any:
         raise StoreClosedError("this zkv store is closed")
+
+    def get(self, key: str, default: Any) -> Any:
+        return self._closed()
+
+    def set(self, key: str, value: Any, ttl: float | None) -> None:
+        self._closed()
+
+    def call(self, op: Op[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._closed()  # type: ignore[no-any-return]
+
+    def execute(self, calls: list[Call], out: list[Any]) -> list[Any]:
+        return self._closed()  # type: ignore[no-any-return]
+
+    def lock_acquire(self, name: str, token: bytes, timeout: float | None) -> bool:
+        return self._closed()  # type: ignore[no-any-return]
+
+    def lock_release(self, name: str, token: bytes) -> bool:
+        return self._closed()  # type: ignore[no-any-return]
+
+    def subscriber(self, topics: Topics, what: str) -> Subscriber:
+        return self._closed()  # type: ignore[no-any-return]
+
+    def dispatcher(self) -> Dispatcher:
+        return self._closed()  # type: ignore[no-any-return]
+
+    def enable_cache(self, prefix: str, max_entries: int) -> None:
+        self._closed()
+
+    def disable_cache(self, prefix: str | None) -> None:
+        self._closed()
+
+    def cache_info(self) -> dict[str, int]:
+        return self._closed()  # type: ignore[no-any-return]
 
     def owner_alive(self) -> bool:
         return False
 
+    def close(self) -> None:
+        """Nothing to close."""
+
 
 class _Reconnect:
     """Stands in for the core of a store inherited through ``fork``: the first use connects
-    this process to the owner as a client."""
+    this process to the owner as a client (and the store uses that core from then on)."""
 
     is_owner = False
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        self.endpoint = store.endpoint
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store._reconnect(), name)
+    def _core(self) -> Core:
+        return self._store._reconnect()
+
+    def get(self, key: str, default: Any) -> Any:
+        return self._core().get(key, default)
+
+    def set(self, key: str, value: Any, ttl: float | None) -> None:
+        self._core().set(key, value, ttl)
+
+    def call(self, op: Op[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._core().call(op, *args, **kwargs)
+
+    def execute(self, calls: list[Call], out: list[Any]) -> list[Any]:
+        return self._core().execute(calls, out)
+
+    def lock_acquire(self, name: str, token: bytes, timeout: float | None) -> bool:
+        return self._core().lock_acquire(name, token, timeout)
+
+    def lock_release(self, name: str, token: bytes) -> bool:
+        return self._core().lock_release(name, token)
+
+    def subscriber(self, topics: Topics, what: str) -> Subscriber:
+        return self._core().subscriber(topics, what)
+
+    def dispatcher(self) -> Dispatcher:
+        return self._core().dispatcher()
+
+    def enable_cache(self, prefix: str, max_entries: int) -> None:
+        self._core().enable_cache(prefix, max_entries)
+
+    def disable_cache(self, prefix: str | None) -> None:
+        self._core().disable_cache(prefix)
+
+    def cache_info(self) -> dict[str, int]:
+        return self._core().cache_info()
+
+    def owner_alive(self) -> bool:
+        return self._core().owner_alive()
+
+    def close(self) -> None:
+        """Nothing to close: the parent's core is not this process's."""
 
 
 class _LockBackend:
@@ -74,10 +168,10 @@ class _LockBackend:
         self._store = store
 
     def lock_acquire(self, name: str, token: bytes, timeout: float | None) -> bool:
-        return self._store._core.lock_acquire(name, token, timeout)  # type: ignore[no-any-return]
+        return self._store._core.lock_acquire(name, token, timeout)
 
     def lock_release(self, name: str, token: bytes) -> bool:
-        return self._store._core.lock_release(name, token)  # type: ignore[no-any-return]
+        return self._store._core.lock_release(name, token)
 
 
 class Store(MutableMapping[str, Any]):
@@ -98,7 +192,7 @@ class Store(MutableMapping[str, Any]):
     __hash__ = object.__hash__
 
     def __init__(self, core: Core, options: Options) -> None:
-        self._core: Any = core
+        self._core: Core = core
         self._options = options
         self._endpoint = core.endpoint
         self._is_owner = core.is_owner
@@ -121,15 +215,18 @@ class Store(MutableMapping[str, Any]):
 
     @property
     def is_owner(self) -> bool:
-        """True in the process that owns the data (and only there)."""
-        return bool(self._core.is_owner)
+        """True in the process that holds the data (and only there)."""
+        return self._core.is_owner
 
     @property
     def options(self) -> Options:
+        """The settings this store was made with (see :class:`zkv.Options`)."""
         return self._options
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` was called (every use of a closed store raises
+        :class:`~zkv.StoreClosedError`)."""
         return self._closed
 
     def __repr__(self) -> str:
@@ -139,32 +236,35 @@ class Store(MutableMapping[str, Any]):
     # -- basic key-value -------------------------------------------------------------------------
 
     def get(self, key: str, default: Any = None) -> Any:
-        """The value of ``key``, or ``default`` if it is missing."""
+        """The value of ``key``, or ``default`` if it is missing (or expired)."""
         if type(key) is not str:
             _bad_key(key)
         return self._core.get(key, default)
 
-    def set(self, key: str, value: Any) -> None:
+    def set(self, key: str, value: Any, ttl: float | None = None) -> None:
         """Set ``key`` to ``value``. When this returns, every process sees the new value.
-        Raises :class:`~zkv.EncodeError` (naming the type) if ``value`` cannot be pickled;
-        the store is then unchanged."""
+        ``ttl``: seconds until the key expires (None: never; a set without ``ttl`` removes a
+        key's expiry). Raises :class:`~zkv.EncodeError` (naming the type) if ``value`` cannot
+        be pickled, and TypeError/ValueError for a bad ``ttl``; the store is then unchanged."""
         if type(key) is not str:
             _bad_key(key)
-        self._core.set(key, value)
+        if ttl is not None:
+            ttl = check_ttl(ttl)
+        self._core.set(key, value, ttl)
 
     def delete(self, key: str, ignore_key_error: bool = True) -> bool:
         """Remove ``key``. Returns whether it existed; with ``ignore_key_error=False`` a
         missing key raises KeyError instead."""
         if type(key) is not str:
             _bad_key(key)
-        found = bool(self._core.delete(key))
+        found = self._core.call(ops.DELETE, key)
         if not found and not ignore_key_error:
             raise KeyError(key)
         return found
 
     def get_all(self) -> dict[str, Any]:
         """A copy of the whole store as a dict, taken atomically."""
-        return self._core.get_all()  # type: ignore[no-any-return]
+        return self._core.call(ops.GET_ALL)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """The values of ``keys`` that exist, in one round trip, read atomically."""
@@ -172,15 +272,51 @@ class Store(MutableMapping[str, Any]):
         for key in keys:
             if type(key) is not str:
                 _bad_key(key)
-        return self._core.get_many(keys)  # type: ignore[no-any-return]
+        if not keys:
+            return {}
+        return self._core.call(ops.GET_MANY, keys)
 
-    def set_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
-        """Set many keys in one round trip, as one atomic step."""
+    def set_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]],
+                 ttl: float | None = None) -> None:
+        """Set many keys in one round trip, as one atomic step (each with ``ttl``, as
+        :meth:`set`)."""
         pairs = list(items.items() if isinstance(items, Mapping) else items)
         for key, _value in pairs:
             if type(key) is not str:
                 _bad_key(key)
-        self._core.set_many(pairs)
+        if ttl is not None:
+            ttl = check_ttl(ttl)
+        if pairs:
+            self._core.call(ops.SET_MANY, pairs, ttl)
+
+    # -- expiry ----------------------------------------------------------------------------------
+
+    def expire(self, key: str, seconds: float) -> bool:
+        """Make ``key`` expire ``seconds`` from now (on the owner's clock). Returns False if
+        the key is missing. TypeError/ValueError for seconds that are not a finite number
+        > 0."""
+        if type(key) is not str:
+            _bad_key(key)
+        ttl = check_ttl(seconds, "seconds")
+        if ttl is None:
+            raise TypeError("seconds must be a number of seconds, not None")
+        return self._core.call(ops.EXPIRE, key, ttl)
+
+    def ttl(self, key: str) -> float | None:
+        """Seconds until ``key`` expires, or None if it has no expiry. KeyError if the key is
+        missing."""
+        if type(key) is not str:
+            _bad_key(key)
+        left = self._core.call(ops.TTL, key)
+        if left is MISSING:
+            raise KeyError(key)
+        return left  # type: ignore[no-any-return]
+
+    def persist(self, key: str) -> bool:
+        """Remove the expiry of ``key``. Returns False if it is missing or had none."""
+        if type(key) is not str:
+            _bad_key(key)
+        return self._core.call(ops.PERSIST, key)
 
     # -- the mapping protocol --------------------------------------------------------------------
 
@@ -199,26 +335,27 @@ class Store(MutableMapping[str, Any]):
     def __contains__(self, key: object) -> bool:
         if type(key) is not str:
             _bad_key(key)
-        return bool(self._core.contains(key))
+        return self._core.call(ops.CONTAINS, key)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[str]:
         """Iterate over a snapshot of the keys."""
-        return iter(self._core.keys())
+        keys: list[str] = self._core.call(ops.KEYS)
+        return iter(keys)
 
     def __len__(self) -> int:
-        return int(self._core.length())
+        return self._core.call(ops.LEN)
 
-    def items(self) -> Any:
+    def items(self) -> ItemsView[str, Any]:
         """The (key, value) pairs of an atomic snapshot (one round trip)."""
         return self.get_all().items()
 
-    def values(self) -> Any:
+    def values(self) -> ValuesView[Any]:
         """The values of an atomic snapshot (one round trip)."""
         return self.get_all().values()
 
     def clear(self) -> None:
         """Remove every key, as one atomic step."""
-        self._core.clear()
+        self._core.call(ops.CLEAR)
 
     def update(self, other: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),  # type: ignore[override]
                /, **kwargs: Any) -> None:
@@ -241,55 +378,64 @@ class Store(MutableMapping[str, Any]):
         """Replace the value of ``key`` by ``fn(old)`` as one atomic step, in the owner, and
         return the new value. ``old`` is ``default`` if the key is missing. ``fn`` travels to
         the owner with cloudpickle (closures and lambdas work); if it raises, the exception is
-        re-raised here and nothing changes. ``fn`` blocks every other request while it runs:
-        keep it short."""
+        re-raised here and nothing changes. The key keeps its expiry. ``fn`` blocks every other
+        request while it runs: keep it short, and do not wait for the owner inside it (see
+        :class:`~zkv.ReentrancyError`)."""
         if type(key) is not str:
             _bad_key(key)
         if not callable(fn):
             raise TypeError(f"modify needs a callable, not {type(fn).__name__}")
-        return self._core.modify(key, fn, default)
+        return self._core.call(ops.MODIFY, key, fn, default)
 
     def incr(self, key: str, amount: int | float = 1) -> int | float:
         """Add ``amount`` to the number at ``key`` (missing counts as 0) atomically; return
-        the new value. TypeError if the key holds something else than an int or float."""
+        the new value. TypeError if the key holds something else than an int or float. The
+        key keeps its expiry."""
         if type(key) is not str:
             _bad_key(key)
-        if type(amount) not in (int, float):
-            raise TypeError(f"incr amount must be an int or float, not {type(amount).__name__}")
-        return self._core.incr(key, amount)  # type: ignore[no-any-return]
+        _check_amount(amount)
+        return self._core.call(ops.INCR, key, amount)
 
     def decr(self, key: str, amount: int | float = 1) -> int | float:
         """``incr(key, -amount)``."""
+        _check_amount(amount)
         return self.incr(key, -amount)
 
     def setdefault(self, key: str, default: Any = None) -> Any:
         """The value of ``key``; if missing, set it to ``default`` first (atomically)."""
         if type(key) is not str:
             _bad_key(key)
-        return self._core.setdefault(key, default)
+        return self._core.call(ops.SETDEFAULT, key, default)
 
     def pop(self, key: str, default: Any = MISSING) -> Any:
         """Remove ``key`` and return its value, atomically. If missing: ``default``, or
         KeyError when no default is given."""
         if type(key) is not str:
             _bad_key(key)
-        return self._core.pop(key, default)
+        value = self._core.call(ops.POP, key)
+        if value is MISSING:
+            if default is MISSING:
+                raise KeyError(key)
+            return default
+        return value
 
     def compare_and_set(self, key: str, expected: Any, new: Any) -> bool:
         """Set ``key`` to ``new`` if its value equals ``expected`` (``zkv.MISSING``: if the
-        key does not exist), atomically. Returns whether it was set."""
+        key does not exist), atomically. Returns whether it was set. The key keeps its
+        expiry."""
         if type(key) is not str:
             _bad_key(key)
-        return bool(self._core.compare_and_set(key, expected, new))
+        return self._core.call(ops.CAS, key, expected, new)
 
     def transact(self, fn: Callable[[Any], Any]) -> Any:
         """Run ``fn(mapping)`` in the owner with the whole store to itself, and return what it
         returns. ``mapping`` reads and writes the store; its writes are applied together when
         ``fn`` returns, and not at all if it raises (the exception is re-raised here). Values
-        read from it are copies: assign them back to change the store."""
+        read from it are copies: assign them back to change the store. A key written keeps
+        its expiry; a new key has none."""
         if not callable(fn):
             raise TypeError(f"transact needs a callable, not {type(fn).__name__}")
-        return self._core.transact(fn)
+        return self._core.call(ops.TRANSACT, fn)
 
     def lock(self, name: str, timeout: float | None = None) -> Lock:
         """A cross-process lock named ``name`` (a context manager). ``timeout`` bounds the
@@ -300,30 +446,24 @@ class Store(MutableMapping[str, Any]):
     def enable_cache(self, prefix: str = "", max_entries: int = 100_000) -> None:
         """Serve repeated :meth:`get` of keys starting with ``prefix`` ("" = every key) from
         this process's memory, kept fresh by the owner's invalidations. A write made by this
-        process is always seen by its next read; a write made elsewhere is seen once its
-        invalidation arrives (a fraction of a millisecond; see docs/benchmarks.md). At most
-        ``max_entries`` values are kept. In the owner this does nothing: its reads are local
-        already."""
+        process is always seen by its next read, and a read never returns an older value than
+        one this process read before; a write made elsewhere is seen once its invalidation
+        arrives (see docs/guide.md, "Cached reads"). At most ``max_entries`` values are kept.
+        In the owner this does nothing: its reads are local already."""
         if type(prefix) is not str:
             raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
         if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
             raise ValueError(f"max_entries must be a positive int, not {max_entries!r}")
-        if not self.is_owner:
-            self._core.enable_cache(prefix, max_entries)
+        self._core.enable_cache(prefix, max_entries)
 
     def disable_cache(self, prefix: str | None = None) -> None:
         """Stop caching keys under ``prefix`` (every prefix if None)."""
-        if not self.is_owner:
-            self._core.disable_cache(prefix)
+        self._core.disable_cache(prefix)
 
     def cache_info(self) -> dict[str, int]:
         """Counters of the read cache: ``hits``, ``misses``, ``entries`` (values held now) and
         ``flushes`` (times it was dropped whole because invalidations were lost)."""
-        cache = None if self.is_owner else self._core.cache
-        if cache is None:
-            return {"hits": 0, "misses": 0, "entries": 0, "flushes": 0}
-        return {"hits": cache.hits, "misses": cache.misses, "entries": len(cache._entries),
-                "flushes": cache.flushes}
+        return self._core.cache_info()
 
     def pipeline(self) -> Pipeline:
         """Queue many operations and send them in one round trip (see :class:`Pipeline`)."""
@@ -337,7 +477,7 @@ class Store(MutableMapping[str, Any]):
         place in one order."""
         if type(channel) is not str:
             raise TypeError(f"channel names must be str, not {type(channel).__name__}")
-        self._core.publish(channel, data)
+        self._core.call(ops.PUBLISH, channel, data)
 
     def subscribe(self, *channels: str, prefix: str | Iterable[str] | None = None) -> Subscriber:
         """A :class:`Subscriber` of ``channels`` (exact names) and/or channels starting with
@@ -348,15 +488,13 @@ class Store(MutableMapping[str, Any]):
               ) -> Subscriber:
         """A :class:`Subscriber` of :class:`Change` events for ``key``, for keys starting
         with ``prefix``, or for every key if neither is given. Events come from every
-        process's writes, atomic operations included, in the order they were applied."""
+        process's writes, atomic operations and expiry included, in the order they were
+        applied."""
         return self._subscriber(Topics.keys(key, prefix), "zkv watcher")
 
     def _subscriber(self, topics: Topics, what: str) -> Subscriber:
         reentry.refuse("subscribe() or watch()")
-        core = self._core
-        sub = Subscriber(core.context, core.pub_address, topics, hwm=self._options.hwm,
-                         timeout=self._options.timeout, alive=core.owner_alive, what=what,
-                         announce=core.expect_probe)
+        sub = self._core.subscriber(topics, what)
         self._subscribers.add(sub)
         return sub
 
@@ -402,22 +540,19 @@ class Store(MutableMapping[str, Any]):
         reentry.refuse("registering a callback")  # (registering waits for the welcome)
         with self._mutex:
             if self._dispatcher is None:
-                core = self._core
-                self._dispatcher = Dispatcher(core.context, core.pub_address,
-                                              hwm=self._options.hwm,
-                                              timeout=self._options.timeout,
-                                              alive=core.owner_alive,
-                                              announce=core.expect_probe)
+                self._dispatcher = self._core.dispatcher()
             return self._dispatcher
 
     def stats(self) -> dict[str, int]:
-        """The owner's counters: ``keys``, ``version`` (changes applied so far), ``sessions``
-        (connected client processes), ``topics`` (topics with at least one live subscriber, in
-        any process; ``subscriptions`` is the same number), ``locks`` (sessions holding or
-        waiting for locks), ``refused`` (malformed messages dropped), the owner's ``pid``, and
-        ``blob_files``/``blob_free``: files in ``/dev/shm`` that hold large values, and free
-        ones kept a few seconds for reuse (see docs/guide.md, "Large values")."""
-        return self._core.stats()  # type: ignore[no-any-return]
+        """The owner's counters: ``keys``, ``expiring`` (keys with an expiry), ``version``
+        (changes applied so far), ``sessions`` (connected client processes), ``topics``
+        (topics with at least one live subscriber, in any process; ``subscriptions`` is the
+        same number), ``locks`` (sessions holding or waiting for locks), ``refused``
+        (malformed messages dropped), ``refused_auth``, the owner's ``pid`` and ``uptime``
+        (seconds), and ``blob_files``/``blob_free``: files in ``/dev/shm`` that hold large
+        values, and free ones kept a few seconds for reuse (see docs/guide.md, "Large
+        values")."""
+        return self._core.call(ops.STATS)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -436,8 +571,7 @@ class Store(MutableMapping[str, Any]):
                 self._dispatcher.close()
                 self._dispatcher = None
             core, self._core = self._core, _Closed()
-        if not isinstance(core, _Reconnect):
-            core.close()
+        core.close()
         if self._is_owner and self._env_before is not _NOT_SET:
             if os.environ.get(_endpoint.ENV_VAR) == self._endpoint:
                 if self._env_before is None:
@@ -476,7 +610,7 @@ class Store(MutableMapping[str, Any]):
         self._is_owner = False
         self._env_before = _NOT_SET
 
-    def _reconnect(self) -> Any:
+    def _reconnect(self) -> Core:
         with self._mutex:
             if isinstance(self._core, _Reconnect):
                 self._core = RemoteCore(self._endpoint, self._options)
@@ -499,50 +633,82 @@ class Pipeline:
 
     :meth:`execute` sends them and returns the results (also kept in :attr:`results`). Every
     queued operation runs; if any raised, the first exception is raised after all of them, and
-    :attr:`results` holds the exception in place of each failed operation's result.
+    :attr:`results` holds the exception in place of each failed operation's result. Each
+    method takes the same arguments as the :class:`Store` method of the same name, checks them
+    at once, and returns the pipeline (so calls can be chained).
     """
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._calls: list[tuple[str, tuple[Any, ...]]] = []
+        self._calls: list[Call] = []
+        self._after: list[Callable[[Any], Any]] = []  # turns an op's result into the method's
         self.results: list[Any] = []
 
-    def _queue(self, name: str, key: str, *args: Any) -> Pipeline:
+    def _queue(self, op: Op[..., Any], key: str, *args: Any,
+               then: Callable[[Any], Any] | None = None) -> Pipeline:
         if type(key) is not str:
             _bad_key(key)
-        self._calls.append((name, (key, *args)))
+        self._calls.append((op, (key, *args)))
+        self._after.append(then or _same)
         return self
 
     def get(self, key: str, default: Any = None) -> Pipeline:
-        return self._queue("get", key, default)
+        """Queue :meth:`Store.get`."""
+        return self._queue(ops.GET, key, then=lambda v: default if v is MISSING else v)
 
-    def set(self, key: str, value: Any) -> Pipeline:
-        return self._queue("set", key, value)
+    def set(self, key: str, value: Any, ttl: float | None = None) -> Pipeline:
+        """Queue :meth:`Store.set`."""
+        return self._queue(ops.SET, key, value, None if ttl is None else check_ttl(ttl))
 
     def delete(self, key: str) -> Pipeline:
-        return self._queue("delete", key)
+        """Queue :meth:`Store.delete` (its result: whether the key existed)."""
+        return self._queue(ops.DELETE, key)
 
     def incr(self, key: str, amount: int | float = 1) -> Pipeline:
-        if type(amount) not in (int, float):
-            raise TypeError(f"incr amount must be an int or float, not {type(amount).__name__}")
-        return self._queue("incr", key, amount)
+        """Queue :meth:`Store.incr`."""
+        _check_amount(amount)
+        return self._queue(ops.INCR, key, amount)
 
     def modify(self, key: str, fn: Callable[[Any], Any], default: Any = None) -> Pipeline:
+        """Queue :meth:`Store.modify`."""
         if not callable(fn):
             raise TypeError(f"modify needs a callable, not {type(fn).__name__}")
-        return self._queue("modify", key, fn, default)
+        return self._queue(ops.MODIFY, key, fn, default)
 
     def setdefault(self, key: str, default: Any = None) -> Pipeline:
-        return self._queue("setdefault", key, default)
+        """Queue :meth:`Store.setdefault`."""
+        return self._queue(ops.SETDEFAULT, key, default)
 
     def pop(self, key: str, default: Any = MISSING) -> Pipeline:
-        return self._queue("pop", key, default)
+        """Queue :meth:`Store.pop` (a missing key without a default: KeyError in
+        :attr:`results`)."""
+
+        def result(value: Any) -> Any:
+            if value is MISSING:
+                if default is MISSING:
+                    raise KeyError(key)
+                return default
+            return value
+        return self._queue(ops.POP, key, then=result)
 
     def compare_and_set(self, key: str, expected: Any, new: Any) -> Pipeline:
-        return self._queue("compare_and_set", key, expected, new)
+        """Queue :meth:`Store.compare_and_set`."""
+        return self._queue(ops.CAS, key, expected, new)
 
     def contains(self, key: str) -> Pipeline:
-        return self._queue("contains", key)
+        """Queue ``key in store``."""
+        return self._queue(ops.CONTAINS, key)
+
+    def expire(self, key: str, seconds: float) -> Pipeline:
+        """Queue :meth:`Store.expire`."""
+        ttl = check_ttl(seconds, "seconds")
+        if ttl is None:
+            raise TypeError("seconds must be a number of seconds, not None")
+        return self._queue(ops.EXPIRE, key, ttl)
+
+    def persist(self, key: str) -> Pipeline:
+        """Queue :meth:`Store.persist`."""
+        return self._queue(ops.PERSIST, key)
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -550,9 +716,28 @@ class Pipeline:
     def execute(self) -> list[Any]:
         """Send the queued operations; return their results in order."""
         calls, self._calls = self._calls, []
-        self.results = []
-        self._store._core.execute(calls, self.results)
-        return self.results
+        after, self._after = self._after, []
+        self.results = results = []
+        raw: list[Any] = []
+        try:
+            self._store._core.execute(calls, raw)
+        except Exception:
+            if len(raw) < len(calls):
+                raise  # the pipeline as a whole failed (the owner is gone, a timeout, ...)
+        first_error: BaseException | None = None
+        for then, value in zip(after, raw, strict=True):
+            if isinstance(value, BaseException):
+                results.append(value)
+            else:
+                try:
+                    results.append(then(value))
+                except Exception as exc:
+                    results.append(exc)
+            if first_error is None and isinstance(results[-1], BaseException):
+                first_error = results[-1]
+        if first_error is not None:
+            raise first_error
+        return results
 
     def __enter__(self) -> Pipeline:
         return self
@@ -560,6 +745,10 @@ class Pipeline:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is None:
             self.execute()
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 # -- the process-wide store -------------------------------------------------------------------

@@ -1,24 +1,27 @@
-"""The zkv wire protocol: message layouts as pure functions (no sockets here).
+"""The zkv wire protocol: message layouts as pure functions (no sockets here; those are in
+:mod:`zkv.sockets`, and what each operation carries is in :mod:`zkv.ops`).
+
+A connection opens with a HELLO greeting and its WELCOME (:func:`pack_greeting`). Then:
 
 Request (client DEALER -> owner ROUTER)::
 
-    [header: rid u32, op u8] [argument frames ...]
-
-When the first argument is small it rides in the header frame, after the header, and the op
-byte has its ``MERGED`` bit set; replies do the same with their first result.
+    [header: rid u32, op u8, flags u8] [argument frames ...]
 
 Reply (owner ROUTER -> client DEALER)::
 
-    [header: rid u32, status u8, before u64, after u64] [result frames ...]
+    [header: rid u32, status u8, flags u8, before u64, after u64] [result frames ...]
 
+When the first argument (result) is small it rides in the header frame, after the header, and
+the ``MERGED`` flag says so: one frame less each way. ``rid`` is chosen by the client per
+request, so that a late reply to a request that timed out is recognised and dropped.
 ``before``/``after`` are the store's change counter just before and just after the request was
 applied: a value read by the request reflects every change numbered up to ``before``, and a
 change made by it is numbered at most ``after`` (the client-side read cache relies on both).
 
-``rid`` is chosen by the client per request so that a late reply to a request that timed out is
-recognised and dropped. A value is the list of frames made by :mod:`zkv.codec`. When a message
-carries several values, they are packed as *sections*: a frame holding the frame count of each
-section (u32 little-endian), followed by the sections' frames.
+A value is the list of frames made by :mod:`zkv.codec`. When a message carries several values,
+they are packed as *sections*: a frame holding the frame count of each section (u32), followed
+by the sections' frames. Many small frames travel as *packed frames*: their lengths, and their
+bytes joined.
 
 Published message (owner XPUB -> SUB)::
 
@@ -34,9 +37,9 @@ subscription live. ``seq`` counts messages per topic, so a subscriber sees its l
 Cache invalidation (owner ROUTER -> a client's cache DEALER, on the same pipe as that socket's
 replies, so a reply proves which invalidations came before it)::
 
-    [header: rid 0, status INVALIDATE, seq u64, version u64] [key]
+    [header: rid 0, status INVALIDATE, flags 0, seq u64, version u64] [key]
 
-The full description, with every operation, is docs/protocol.md.
+Integers are little-endian. The full description is docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -50,18 +53,16 @@ import pickle
 import struct
 import traceback
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-import zmq
-
-from .codec import Frame
+from .codec import SMALL, Frame
 from .errors import ProtocolError, RemoteError
 
 __all__ = [
     "HELLO_MAGIC",
+    "MERGED",
     "MORE",
-    "OP_MASK",
     "PLAIN_VALUES",
     "PROTOCOL_VERSION",
     "REFS",
@@ -69,15 +70,18 @@ __all__ = [
     "REQUEST_HEADER",
     "SPILLED",
     "WELCOME_MAGIC",
-    "Op",
+    "Kind",
     "Status",
+    "channel_topic",
     "decode_error",
     "decode_json",
     "encode_error",
     "encode_json",
+    "invalidation",
     "join_keys",
     "key_bytes",
     "key_str",
+    "key_topic",
     "keys_bytes",
     "keys_str",
     "make_probe",
@@ -86,33 +90,31 @@ __all__ = [
     "pack_header",
     "pack_key_value",
     "pack_meta",
-    "pack_reply",
     "pack_sections",
+    "pack_seq",
     "pack_spill",
     "pack_welcome",
     "parse_greeting",
+    "parse_reply",
+    "parse_request",
     "parse_welcome",
     "probe_topics",
     "published",
-    "raw_send",
     "read_index",
-    "recv_message",
-    "recv_reply",
-    "recv_request",
-    "recv_rest",
-    "send_frames",
+    "reply",
+    "request",
     "split_keys",
     "split_published",
     "unpack_frames",
-    "unpack_header",
     "unpack_key_value",
     "unpack_meta",
-    "unpack_reply",
     "unpack_sections",
+    "unpack_seq",
     "unpack_spill",
 ]
 
-PROTOCOL_VERSION = 2
+#: Goes up with every change of a layout; peers of different versions refuse each other.
+PROTOCOL_VERSION = 3
 
 #: The first frame of a HELLO (client -> owner) and of its WELCOME (owner -> client): a magic
 #: value, the sender's protocol version (u16), then a JSON object. The layout never changes
@@ -121,46 +123,26 @@ HELLO_MAGIC = b"zkv-helo"
 WELCOME_MAGIC = b"zkv-wlcm"
 _GREETING = struct.Struct("<8sH")
 
-#: The request header (rid u32, op u8) and the reply header (rid u32, status u8, before u64,
-#: after u64), for code that packs them itself on a hot path.
-REQUEST_HEADER = _HEADER = struct.Struct("<IB")
-REPLY_HEADER = _REPLY = struct.Struct("<IBQQ")
+#: The request header (rid u32, op u8, flags u8) and the reply header (rid u32, status u8,
+#: flags u8, before u64, after u64).
+REQUEST_HEADER = struct.Struct("<IBB")
+REPLY_HEADER = struct.Struct("<IBBQQ")
 _META = struct.Struct("<QQB")
+_SEQ = struct.Struct("<Q")
 
-
-class Op(enum.IntEnum):
-    """Request operations."""
-
-    # 0 is never an operation: a connection opens with a HELLO greeting (pack_greeting).
-    GET = 1
-    SET = 2
-    DELETE = 3
-    PIPELINE = 4
-    GET_ALL = 5
-    KEYS = 6
-    LEN = 7
-    CONTAINS = 8
-    CLEAR = 9
-    MODIFY = 10
-    INCR = 11
-    SETDEFAULT = 12
-    POP = 13
-    CAS = 14
-    TRANSACT = 15
-    LOCK = 16
-    UNLOCK = 17
-    PUBLISH = 18  # one-way: no reply
-    PING = 19
-    BYE = 20  # one-way: the session is closing
-    STATS = 21
-    CACHE_WATCH = 22  # this socket receives invalidations of keys under these prefixes
-    CACHE_UNWATCH = 23
-    CACHE_SYNC = 24  # where is this socket's invalidation sequence now?
-    PROBE = 25  # one-way: this process subscribed to a probe and waits for its welcome
-    GET_MANY = 26
-    SET_MANY = 27
-    SET_PACKED = 28  # SET with key and a one-frame value in one frame: u32 key length, key, value
-    SET_PLAIN = 29  # SET_MANY of plain values: keys joined by NUL, one pickle of the value list
+# Flags of a request (the header's flags byte).
+#: The first argument (request) or result (reply) is carried in the header frame, after it.
+MERGED = 0x01
+#: The message's last frame is a spill index, naming the files (in the owner's blob
+#: directory, see :mod:`zkv.blobs`) that hold the frames at the positions it gives (each sent
+#: as an empty placeholder frame).
+SPILLED = 0x02
+#: Request only: the client can read the owner's blob directory, so the reply (to a read) may
+#: name files instead of carrying large frames.
+REFS = 0x04
+#: Reply only: more frames follow the header frame. The client reads them only then, instead
+#: of asking ZeroMQ after every reply (a getsockopt costs about as much as the recv itself).
+MORE = 0x08
 
 
 class Status(enum.IntEnum):
@@ -179,50 +161,14 @@ class Kind(enum.IntEnum):
     SET = 1
     DELETE = 2
     WELCOME = 3
-
-
-#: Flag in the op/status byte: the first argument (request) or result (reply) is carried in
-#: the header frame, after the header. One frame less each way: every frame costs a few
-#: microseconds in libzmq and pyzmq, on both sides.
-MERGED = 0x80
-
-#: Flag in a reply's status byte: more frames follow the header frame. The client reads them
-#: only then, instead of asking ZeroMQ after every reply (a getsockopt costs about as much as
-#: the recv itself in pyzmq).
-MORE = 0x20
-
-_REPLY_STATUS = ~(MERGED | MORE)  # what parse_reply keeps of the status byte
-
-#: Flag in a request's op byte or a reply's status byte: the message's last frame is a spill
-#: index, naming the files (in the owner's blob directory, see :mod:`zkv.blobs`) that hold the
-#: frames at the positions it gives (each sent as an empty placeholder frame).
-SPILLED = 0x40
-#: Flag in a request's op byte: the client can read the owner's blob directory, so the reply
-#: (to GET or GET_MANY) may name files instead of carrying large frames.
-REFS = 0x20
-#: The op itself (operations are numbered below 0x20).
-OP_MASK = 0x1F
-
-_SPILL = struct.Struct("<IQ32s")  # position, size, file name
-
-
-def pack_spill(entries: Sequence[tuple[int, int, bytes]]) -> bytes:
-    """A spill index: ``(position, size, name)`` per frame sent as a file."""
-    return b"".join(_SPILL.pack(*entry) for entry in entries)
-
-
-def unpack_spill(frame: Frame) -> list[tuple[int, int, bytes]]:
-    """Inverse of :func:`pack_spill`. Raises ProtocolError."""
-    data = bytes(frame)
-    if not data or len(data) % _SPILL.size:
-        raise ProtocolError(f"bad spill index of {len(data)} bytes")
-    return list(_SPILL.iter_unpack(data))
+    EXPIRE = 4
 
 
 #: First frame of a GET_MANY reply whose second frame is one pickle of the list of values.
 PLAIN_VALUES = b"p"
-_MERGE_LIMIT = 64 * 1024
 
+
+# -- greetings -----------------------------------------------------------------------------------
 
 def pack_greeting(magic: bytes, info: dict[str, Any], version: int | None = None) -> bytes:
     """A HELLO or WELCOME frame: ``magic``, ``version`` (default: :data:`PROTOCOL_VERSION`)
@@ -244,89 +190,100 @@ def parse_greeting(magic: bytes, frame: Frame) -> tuple[int, dict[str, Any]] | N
     return version, info
 
 
-def pack_header(rid: int, code: int) -> bytes:
-    return _HEADER.pack(rid, code)
+# -- requests and replies ------------------------------------------------------------------------
+
+def pack_header(rid: int, op: int, flags: int = 0) -> bytes:
+    """A request header frame (with nothing merged into it)."""
+    return REQUEST_HEADER.pack(rid, op, flags)
 
 
-def unpack_header(frame: Frame) -> tuple[int, int]:
-    """``(rid, op)`` of a request header frame (merged or not)."""
-    try:
-        rid, code = _HEADER.unpack_from(frame)
-    except struct.error:
-        raise ProtocolError(f"bad header frame of {len(frame)} bytes") from None
-    return rid, code & ~MERGED
-
-
-def request(rid: int, op: int, args: Sequence[Frame]) -> list[Frame]:
+def request(rid: int, op: int, args: Sequence[Frame], flags: int = 0) -> list[Frame]:
     """The frames of a request (see the module docstring)."""
     if args:
         first = args[0]
-        if type(first) is bytes and len(first) < _MERGE_LIMIT:
-            return [_HEADER.pack(rid, op | MERGED) + first, *args[1:]]
-    return [_HEADER.pack(rid, op), *args]
+        if type(first) is bytes and len(first) < SMALL:
+            return [REQUEST_HEADER.pack(rid, op, flags | MERGED) + first, *args[1:]]
+    return [REQUEST_HEADER.pack(rid, op, flags), *args]
 
 
-def parse_request(head: bytes, rest: list[Any]) -> tuple[int, int, list[Any]]:
-    """``(rid, op, args)`` from a request's header frame and the frames after it."""
+def parse_request(head: bytes, rest: list[Any]) -> tuple[int, int, int, list[Any]]:
+    """``(rid, op, flags, args)`` from a request's header frame and the frames after it.
+    Raises ProtocolError."""
     try:
-        rid, code = _HEADER.unpack_from(head)
+        rid, op, flags = REQUEST_HEADER.unpack_from(head)
     except struct.error:
         raise ProtocolError(f"bad header frame of {len(head)} bytes") from None
-    if code & MERGED:
-        return rid, code & ~MERGED, [head[_HEADER.size:], *rest]
-    if len(head) != _HEADER.size:
+    if flags & MERGED:
+        return rid, op, flags, [head[REQUEST_HEADER.size:], *rest]
+    if len(head) != REQUEST_HEADER.size:
         raise ProtocolError(f"bad header frame of {len(head)} bytes")
-    return rid, code, rest
+    return rid, op, flags, rest
 
 
-def pack_reply(rid: int, status: int, before: int, after: int) -> bytes:
-    return _REPLY.pack(rid, status, before, after)
-
-
-def unpack_reply(frame: Frame) -> tuple[int, int, int, int]:
-    """``(rid, status, before, after)`` of a reply header frame (merged or not)."""
-    try:
-        rid, status, before, after = _REPLY.unpack_from(frame)
-    except struct.error:
-        raise ProtocolError(f"bad reply header of {len(frame)} bytes") from None
-    return rid, status & _REPLY_STATUS, before, after
-
-
-def reply(rid: int, status: int, before: int, after: int, out: Sequence[Frame]) -> list[Frame]:
+def reply(rid: int, status: int, before: int, after: int, out: Sequence[Frame],
+          flags: int = 0) -> list[Frame]:
     """The frames of a reply (after the routing id)."""
     if out:
         first = out[0]
-        if type(first) is bytes and len(first) < _MERGE_LIMIT:
+        if type(first) is bytes and len(first) < SMALL:
             if len(out) == 1:  # the usual reply: one frame
-                return [_REPLY.pack(rid, status | MERGED, before, after) + first]
-            return [_REPLY.pack(rid, status | MERGED | MORE, before, after) + first, *out[1:]]
-        return [_REPLY.pack(rid, status | MORE, before, after), *out]
-    return [_REPLY.pack(rid, status, before, after)]
+                return [REPLY_HEADER.pack(rid, status, flags | MERGED, before, after) + first]
+            return [REPLY_HEADER.pack(rid, status, flags | MERGED | MORE, before, after) + first,
+                    *out[1:]]
+        return [REPLY_HEADER.pack(rid, status, flags | MORE, before, after), *out]
+    return [REPLY_HEADER.pack(rid, status, flags, before, after)]
 
 
-def parse_reply(head: bytes, rest: list[Any]) -> tuple[int, int, int, int, list[Any]]:
-    """``(rid, status, before, after, results)`` from a reply's frames."""
+def parse_reply(head: bytes, rest: list[Any]) -> tuple[int, int, int, int, int, list[Any]]:
+    """``(rid, status, flags, before, after, results)`` from a reply's frames. Raises
+    ProtocolError."""
     try:
-        rid, status, before, after = _REPLY.unpack_from(head)
+        rid, status, flags, before, after = REPLY_HEADER.unpack_from(head)
     except struct.error:
         raise ProtocolError(f"bad reply header of {len(head)} bytes") from None
-    if status & MERGED:
-        return rid, status & _REPLY_STATUS, before, after, [head[_REPLY.size:], *rest]
-    if len(head) != _REPLY.size:
+    if flags & MERGED:
+        return rid, status, flags, before, after, [head[REPLY_HEADER.size:], *rest]
+    if len(head) != REPLY_HEADER.size:
         raise ProtocolError(f"bad reply header of {len(head)} bytes")
-    return rid, status & _REPLY_STATUS, before, after, rest
+    return rid, status, flags, before, after, rest
 
 
-def pack_meta(seq: int, version: int, kind: int) -> bytes:
-    return _META.pack(seq, version, kind)
+def invalidation(seq: int, version: int, key: bytes) -> list[Frame]:
+    """An invalidation pushed to a caching client (see the module docstring)."""
+    return [REPLY_HEADER.pack(0, Status.INVALIDATE, 0, seq, version), key]
 
 
-def unpack_meta(frame: Frame) -> tuple[int, int, int]:
+def pack_seq(seq: int) -> bytes:
+    return _SEQ.pack(seq)
+
+
+def unpack_seq(frame: Frame) -> int:
     try:
-        return _META.unpack(frame)  # type: ignore[return-value]
+        return int(_SEQ.unpack(bytes(frame))[0])
     except struct.error:
-        raise ProtocolError(f"bad meta frame of {len(frame)} bytes") from None
+        raise ProtocolError(f"bad sequence number of {len(frame)} bytes") from None
 
+
+# -- spilled frames ------------------------------------------------------------------------------
+
+_SPILL = struct.Struct("<IQ32s")  # position, size, file name
+
+
+def pack_spill(entries: Sequence[tuple[int, int, bytes]]) -> bytes:
+    """A spill index: ``(position, size, name)`` per frame sent as a file."""
+    return b"".join(_SPILL.pack(*entry) for entry in entries)
+
+
+def unpack_spill(frame: Frame) -> list[tuple[int, int, bytes]]:
+    """Inverse of :func:`pack_spill`. Raises ProtocolError."""
+    data = bytes(frame)
+    if not data or len(data) % _SPILL.size:
+        raise ProtocolError(f"bad spill index of {len(data)} bytes")
+    return list(_SPILL.iter_unpack(data))
+
+
+
+# -- several values in one message ------------------------------------------------------------
 
 def pack_sections(sections: Iterable[Sequence[Frame]]) -> list[Frame]:
     """Flatten several values (each a list of frames) into one frame list."""
@@ -369,13 +326,13 @@ def pack_frames(frames: Sequence[Frame]) -> list[Frame]:
     """Many small frames as two: their lengths (i64 each; -1 for a large frame, which follows
     as a frame of its own, not copied) and their bytes joined. Each ZeroMQ frame costs
     microseconds on both sides; joining bytes costs nanoseconds."""
-    if not frames or max(map(len, frames)) < _MERGE_LIMIT:  # the common case, at C speed
+    if not frames or max(map(len, frames)) < SMALL:  # the common case, at C speed
         return [array("q", map(len, frames)).tobytes(), b"".join(frames)]
     lengths = array("q")
     small: list[bytes] = []
     large: list[Frame] = []
     for frame in frames:
-        if type(frame) is bytes and len(frame) < _MERGE_LIMIT:
+        if type(frame) is bytes and len(frame) < SMALL:
             lengths.append(len(frame))
             small.append(frame)
         else:
@@ -412,11 +369,14 @@ def unpack_frames(frames: Sequence[Any]) -> list[Any]:
     return out
 
 
+
+# -- keys ---------------------------------------------------------------------------------------
+
 _KEY_LENGTH = struct.Struct("<I")
 
 
 def pack_key_value(key: bytes, value: bytes) -> bytes:
-    """Key and value in one frame (``SET_PACKED``): one frame less than ``[key, value]``."""
+    """Key and value in one frame (a small ``set``): one frame less than ``[key, value]``."""
     return _KEY_LENGTH.pack(len(key)) + key + value
 
 
@@ -424,9 +384,9 @@ def unpack_key_value(frame: bytes) -> tuple[bytes, bytes]:
     try:
         (n,) = _KEY_LENGTH.unpack_from(frame)
     except struct.error:
-        raise ProtocolError("SET_PACKED frame too short") from None
+        raise ProtocolError("packed key and value: frame too short") from None
     if 4 + n > len(frame):
-        raise ProtocolError("SET_PACKED key length runs past the frame")
+        raise ProtocolError("packed key and value: the key length runs past the frame")
     return frame[4:4 + n], frame[4 + n:]
 
 
@@ -439,12 +399,14 @@ def keys_bytes(keys: Iterable[str]) -> list[bytes]:
     return list(map(_encode_keys, keys))
 
 
-def keys_str(frames: Iterable[bytes]) -> list[str]:
-    """:func:`key_str` of many small frames, at C speed. Raises ProtocolError."""
+def keys_str(frames: Iterable[Any]) -> list[str]:
+    """:func:`key_str` of many frames, at C speed when they are all small (bytes). Raises
+    ProtocolError."""
+    frames = list(frames)
     try:
         return list(map(_decode_keys, frames))
     except (UnicodeDecodeError, AttributeError, TypeError):
-        raise ProtocolError("keys must be small UTF-8 frames") from None
+        return [key_str(frame) for frame in frames]  # large keys (zmq.Frame), or the error
 
 
 def join_keys(keys: Sequence[str]) -> bytes | None:
@@ -476,8 +438,20 @@ def key_str(frame: Frame) -> str:
         raise ProtocolError("key is not valid UTF-8") from None
 
 
+
+# -- publish/subscribe --------------------------------------------------------------------------
+
 _TOPIC_LEN = struct.Struct("<H")
-_SEQ = struct.Struct("<Q")
+
+
+def channel_topic(channel: str) -> bytes:
+    """The topic of an exact channel: what its messages are published under."""
+    return b"c" + key_bytes(channel) + b"\0"
+
+
+def key_topic(key: str) -> bytes:
+    """The topic of an exact key: what its change events are published under."""
+    return b"k" + key_bytes(key) + b"\0"
 
 
 def make_probe(topics: Sequence[bytes]) -> bytes:
@@ -518,71 +492,16 @@ def parse_welcome(payload: bytes) -> dict[bytes, int]:
     return out
 
 
-_SNDMORE = int(zmq.SNDMORE)
-_NOBLOCK = int(zmq.NOBLOCK)
+
+def pack_meta(seq: int, version: int, kind: int) -> bytes:
+    return _META.pack(seq, version, kind)
 
 
-#: pyzmq's ``Socket.send`` without its Python wrapper, which only adds options of draft
-#: sockets that zkv does not use: on the request path each Python call costs microseconds (the
-#: wait for the reply leaves the CPU caches cold), and this one is on every send.
-raw_send: Callable[..., Any] = zmq.backend.Socket.send
-
-
-def send_frames(sock: zmq.Socket[Any], frames: Sequence[Frame], noblock: bool = True) -> None:
-    """Send ``frames`` as one message (as ``send_multipart`` does, minus its per-frame enum
-    arithmetic, which costs more than the send itself for small frames). Large frames go
-    without copying. Raises zmq.Again if the queue is full and ``noblock``."""
-    flags = _NOBLOCK if noblock else 0
-    *head, last = frames
-    for frame in head:
-        raw_send(sock, frame, flags | _SNDMORE, type(frame) is bytes and len(frame) < _MERGE_LIMIT)
-    raw_send(sock, last, flags, type(last) is bytes and len(last) < _MERGE_LIMIT)
-
-
-_RCVMORE = int(zmq.RCVMORE)
-
-
-def recv_request(sock: zmq.Socket[Any], flags: int = 0) -> list[Any]:
-    """Receive one request on a ROUTER: ``[routing_id, header, *args]``. The first two frames
-    come as bytes; later frames as bytes when small, as ``zmq.Frame`` (not copied) when
-    large. Cheaper than ``recv_multipart(copy=False)`` plus ``.bytes``. Raises zmq.Again."""
-    frames: list[Any] = [sock.recv(flags)]  # the routing id: a message follows it
-    frames.append(sock.recv())
-    if sock.get(_RCVMORE):
-        while True:
-            frame = sock.recv(copy=False)
-            frames.append(frame.bytes if len(frame) < _MERGE_LIMIT else frame)
-            if not frame.more:
-                break
-    return frames
-
-
-def recv_reply(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
-    """Receive one reply from the owner as bytes frames: the frames after the header only if
-    its ``MORE`` flag says there are some. Raises zmq.Again."""
-    head = sock.recv(flags)
-    if len(head) > 4 and head[4] & MORE:
-        return [head, *recv_rest(sock)]
-    return [head]
-
-
-def recv_rest(sock: zmq.Socket[Any]) -> list[bytes]:
-    """The remaining frames of a message whose first frame has been received."""
-    rest = []
-    while True:
-        frame = sock.recv(copy=False)
-        rest.append(frame.bytes)
-        if not frame.more:
-            return rest
-
-
-def recv_message(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
-    """Receive one message as bytes frames (a client copies every value once anyway when it
-    unpickles it). Raises zmq.Again."""
-    frames = [sock.recv(flags)]
-    while sock.get(_RCVMORE):
-        frames.append(sock.recv())
-    return frames
+def unpack_meta(frame: Frame) -> tuple[int, int, int]:
+    try:
+        return _META.unpack(frame)  # type: ignore[return-value]
+    except struct.error:
+        raise ProtocolError(f"bad meta frame of {len(frame)} bytes") from None
 
 
 def published(topic: bytes, seq: int, version: int, kind: int,
@@ -598,6 +517,9 @@ def split_published(frames: list[Any]) -> list[Any]:
         raise ProtocolError(f"published message of {len(head)} bytes has no meta")
     return [head[:-_META.size], head[-_META.size:], *frames[1:]]
 
+
+
+# -- JSON and errors -----------------------------------------------------------------------------
 
 def encode_json(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
