@@ -151,6 +151,8 @@ ChangeHook = Callable[[int, str, "Entry | None", int], None]
 
 #: Expired keys removed per call of :meth:`State.purge_expired` (the rest: next time).
 PURGE_BATCH = 10_000
+#: Keys: dictionaries smaller than this at their largest are never compacted.
+_COMPACT_ABOVE = 50_000
 
 
 class State:
@@ -165,6 +167,7 @@ class State:
         self._data: dict[str, Entry] = {}
         self._deadlines: dict[str, float] = {}  # key -> monotonic time it expires
         self._heap: list[tuple[float, str]] = []  # (deadline, key); stale items are skipped
+        self._peak = 0  # the most keys held since the last compaction
         self.lock = threading.RLock()
         self.version = 0
         self.on_change: ChangeHook | None = None
@@ -177,7 +180,10 @@ class State:
 
     def _put(self, key: str, entry: Entry) -> None:
         # Store first, count second: a reader that sees version N sees every change <= N.
-        self._data[key] = entry
+        data = self._data
+        data[key] = entry
+        if len(data) > self._peak:
+            self._peak = len(data)
         self.version += 1
         hook = self.on_change
         if hook is not None:
@@ -301,6 +307,7 @@ class State:
             hook = self.on_change
             if hook is None:  # nobody watches: one dict update, at C speed
                 self._data.update(items)
+                self._peak = max(self._peak, len(self._data))
                 self.version += len(items)  # (stored first, counted second, as in _put)
                 return
             for key, entry in items:
@@ -338,6 +345,7 @@ class State:
                 else list(self._data)
             for key in doomed:
                 self._remove(key)
+            self._compact()
             return len(doomed)
 
     def setdefault(self, key: str, entry: Entry) -> Entry:
@@ -456,12 +464,29 @@ class State:
                     removed += 1
             if not deadlines and heap:
                 heap.clear()
+            if removed:
+                self._compact()
         return removed
 
     @property
     def expiring(self) -> int:
         """Keys that have a deadline."""
         return len(self._deadlines)
+
+    @property
+    def stored(self) -> int:
+        """Keys held now, expired ones not yet removed included (a cheap count)."""
+        return len(self._data)
+
+    def _compact(self) -> None:
+        """Give back the memory of a dictionary that shrank a lot (Python's dictionaries keep
+        their size when keys are removed): copy it when it holds under a quarter of its
+        largest size. Callers hold the lock."""
+        size = len(self._data)
+        if size * 4 < self._peak and self._peak > _COMPACT_ABOVE:
+            self._data = dict(self._data)
+            self._deadlines = dict(self._deadlines)
+            self._peak = size
 
 
 class TransactionView(MutableMapping[str, Any]):

@@ -29,7 +29,7 @@ from collections.abc import (
     MutableMapping,
     ValuesView,
 )
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar, runtime_checkable
 
 from . import endpoint as _endpoint
 from . import ops, reentry
@@ -51,6 +51,15 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+@runtime_checkable
+class _KeysAndGetItem(Protocol):
+    """What :meth:`dict.update` accepts as a mapping: ``keys()`` and ``[key]``."""
+
+    def keys(self) -> Iterable[str]: ...
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
 def _bad_key(key: object) -> None:
     if not isinstance(key, str):
         raise TypeError(f"zkv keys must be str, not {type(key).__name__}: {key!r:.60}")
@@ -67,7 +76,7 @@ class _Closed:
     is_owner = False
     endpoint = ""
 
-    def _closed(self) -> Any:
+    def _closed(self) -> NoReturn:
         raise StoreClosedError("this zkv store is closed")
 
     def get(self, key: str, default: Any) -> Any:
@@ -77,22 +86,22 @@ class _Closed:
         self._closed()
 
     def call(self, op: Op[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        return self._closed()  # type: ignore[no-any-return]
+        self._closed()
 
     def execute(self, calls: list[Call], out: list[Any]) -> list[Any]:
-        return self._closed()  # type: ignore[no-any-return]
+        self._closed()
 
     def lock_acquire(self, name: str, token: bytes, timeout: float | None) -> bool:
-        return self._closed()  # type: ignore[no-any-return]
+        self._closed()
 
     def lock_release(self, name: str, token: bytes) -> bool:
-        return self._closed()  # type: ignore[no-any-return]
+        self._closed()
 
     def subscriber(self, topics: Topics, what: str) -> Subscriber:
-        return self._closed()  # type: ignore[no-any-return]
+        self._closed()
 
     def dispatcher(self) -> Dispatcher:
-        return self._closed()  # type: ignore[no-any-return]
+        self._closed()
 
     def enable_cache(self, prefix: str, max_entries: int) -> None:
         self._closed()
@@ -101,7 +110,7 @@ class _Closed:
         self._closed()
 
     def cache_info(self) -> dict[str, int]:
-        return self._closed()  # type: ignore[no-any-return]
+        self._closed()
 
     def owner_alive(self) -> bool:
         return False
@@ -310,7 +319,7 @@ class Store(MutableMapping[str, Any]):
         left = self._core.call(ops.TTL, key)
         if left is MISSING:
             raise KeyError(key)
-        return left  # type: ignore[no-any-return]
+        return left
 
     def persist(self, key: str) -> bool:
         """Remove the expiry of ``key``. Returns False if it is missing or had none."""
@@ -333,9 +342,9 @@ class Store(MutableMapping[str, Any]):
         self.delete(key, ignore_key_error=False)
 
     def __contains__(self, key: object) -> bool:
-        if type(key) is not str:
-            _bad_key(key)
-        return self._core.call(ops.CONTAINS, key)  # type: ignore[arg-type]
+        if not isinstance(key, str):
+            raise TypeError(f"zkv keys must be str, not {type(key).__name__}: {key!r:.60}")
+        return self._core.call(ops.CONTAINS, key)
 
     def __iter__(self) -> Iterator[str]:
         """Iterate over a snapshot of the keys."""
@@ -357,10 +366,16 @@ class Store(MutableMapping[str, Any]):
         """Remove every key, as one atomic step."""
         self._core.call(ops.CLEAR)
 
-    def update(self, other: Mapping[str, Any] | Iterable[tuple[str, Any]] = (),  # type: ignore[override]
+    def update(self, other: _KeysAndGetItem | Iterable[tuple[str, Any]] = (),
                /, **kwargs: Any) -> None:
         """Like :meth:`dict.update`, as one atomic step in one round trip."""
-        pairs = list(other.items() if isinstance(other, Mapping) else other)
+        pairs: list[tuple[str, Any]]
+        if isinstance(other, Mapping):
+            pairs = list(other.items())
+        elif isinstance(other, _KeysAndGetItem):  # as dict.update does
+            pairs = [(key, other[key]) for key in other.keys()]
+        else:
+            pairs = list(other)
         pairs.extend(kwargs.items())
         self.set_many(pairs)
 
@@ -544,7 +559,8 @@ class Store(MutableMapping[str, Any]):
             return self._dispatcher
 
     def stats(self) -> dict[str, int]:
-        """The owner's counters: ``keys``, ``expiring`` (keys with an expiry), ``version``
+        """The owner's counters: ``keys`` (held now: a key that expired is removed within a
+        tick, 0.05 s, and counted until then), ``expiring`` (keys with an expiry), ``version``
         (changes applied so far), ``sessions`` (connected client processes), ``topics``
         (topics with at least one live subscriber, in any process; ``subscriptions`` is the
         same number), ``locks`` (sessions holding or waiting for locks), ``refused``

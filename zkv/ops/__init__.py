@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar, cast
 
 from .. import codec, wire
 from ..codec import Frame
@@ -114,11 +114,11 @@ class Op(Generic[P, R]):
                 keys.extend(v if isinstance(v, str) else v[0] for v in value)
         return keys or None
 
-    def read(self, status: int, frames: list[Any], args: tuple[Any, ...]) -> Any:
+    def read(self, status: int, frames: list[Any], args: tuple[Any, ...]) -> R:
         """The result, from a reply (raises the error an error reply carries)."""
         if status == wire.Status.ERROR:
             raise wire.decode_error(frames)
-        return self.result.read(status, frames, args)
+        return cast(R, self.result.read(status, frames, args))
 
     # -- owner side ----------------------------------------------------------------------------
 
@@ -150,11 +150,11 @@ class Op(Generic[P, R]):
                 out[i] = kinds[i].decode(list(section))
         return out
 
-    def local(self, ctx: Context, *args: Any) -> Any:
+    def local(self, ctx: Context, *args: Any) -> R:
         """Apply the operation in the owner's own process, to objects."""
         value = self.apply(ctx, *[kind.local(arg) for kind, arg in
                                   zip(self.args, args, strict=True)])
-        return self.result.local(value, args)
+        return cast(R, self.result.local(value, args))
 
 
 # -- what the owner does --------------------------------------------------------------------------
@@ -372,7 +372,7 @@ SET_MANY: Op[[list[tuple[str, Any]], float | None], None] = Op(
     "values, which the owner reads with an unpickler that loads no global)")
 EXPIRE: Op[[str, float], bool] = Op(
     "expire", 30, (k.KEY, k.TTL), k.FOUND, _expire, "make a key expire in ttl seconds")
-TTL: Op[[str], Any] = Op(
+TTL: Op[[str], float | None] = Op(
     "ttl", 31, (k.KEY,), k.PICKLE, _ttl,
     "seconds until a key expires (None: no expiry; MISSING: no such key)")
 PERSIST: Op[[str], bool] = Op(

@@ -76,8 +76,12 @@ class Fanout:
             if msg[0] == 1:
                 self._subscriptions[topic] += 1
                 if topic[:1] == b"w":
+                    if changed:  # change events on before the subscriber is told it is live
+                        self._update_watched()
+                        changed = False
                     before_welcome()
                     self._welcome(topic, version)
+                    continue
             elif msg[0] == 0:
                 self._subscriptions[topic] -= 1
                 if self._subscriptions[topic] <= 0:

@@ -123,7 +123,7 @@ class LocalCore:
         self.state.put(key, Entry.from_object(value), ttl)
 
     def call(self, op: Op[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        return op.local(self._ctx, *args)  # type: ignore[no-any-return]
+        return op.local(self._ctx, *args)
 
     def execute(self, calls: list[Call], out: list[Any]) -> list[Any]:
         ctx = self._ctx

@@ -222,7 +222,7 @@ class Owner:
         """Counters that show what the owner holds on to (see :meth:`zkv.Store.stats`)."""
         store = self.bound.blobs
         return {
-            "keys": self.state.length(),
+            "keys": self.state.stored,
             "expiring": self.state.expiring,
             "version": self.state.version,
             "sessions": len(self.sessions),
