@@ -1,7 +1,8 @@
-"""Write docs/api.md from the docstrings of zkv's public names (``make docs``).
+"""Write docs/api.md from the docstrings of zkv's public names, and the table of operations
+in docs/protocol.md from zkv.ops (``make docs``).
 
-``python docs/gen_api.py --check`` exits 1 if docs/api.md is out of date (the test suite runs
-it, so the reference cannot drift from the code).
+``python docs/gen_api.py --check`` exits 1 if either is out of date (the test suite runs it,
+so the reference cannot drift from the code).
 
 Why a script of our own rather than mkdocstrings: zkv's docstrings are written in reST
 (``:class:`~zkv.Store```, double backticks), which this script turns into Markdown; the result
@@ -235,18 +236,37 @@ def render() -> str:
     return "\n".join(line.rstrip() for line in lines).rstrip() + "\n"
 
 
+PROTOCOL = Path(__file__).with_name("protocol.md")
+_OPS_BLOCK = re.compile(r"(<!-- ops:begin -->\n).*?(<!-- ops:end -->)", re.S)
+
+
+def render_protocol() -> str:
+    """docs/protocol.md with its table of operations made from zkv.ops (the one place each
+    operation is defined)."""
+    from zkv import ops
+
+    text = PROTOCOL.read_text()
+    if not _OPS_BLOCK.search(text):
+        raise SystemExit("gen_api: docs/protocol.md has no <!-- ops:begin/end --> block")
+    return _OPS_BLOCK.sub(lambda m: m.group(1) + ops.describe() + m.group(2), text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="fail if docs/api.md is stale")
+    parser.add_argument("--check", action="store_true",
+                        help="fail if docs/api.md or the table of docs/protocol.md is stale")
     args = parser.parse_args(argv)
-    text = render()
+    outputs = {OUT: render(), PROTOCOL: render_protocol()}
     if args.check:
-        if not OUT.exists() or OUT.read_text() != text:
-            print("docs/api.md is out of date: run `make docs`", file=sys.stderr)
+        stale = [path.name for path, text in outputs.items()
+                 if not path.exists() or path.read_text() != text]
+        if stale:
+            print(f"{', '.join(stale)} out of date: run `make docs`", file=sys.stderr)
             return 1
         return 0
-    OUT.write_text(text)
-    print(f"wrote {OUT}")
+    for path, text in outputs.items():
+        path.write_text(text)
+        print(f"wrote {path}")
     return 0
 
 

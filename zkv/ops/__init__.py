@@ -416,7 +416,8 @@ def describe() -> str:
                                        ("reply may name files", op.named_reply),
                                        ("clients only", op.remote_only),
                                        ("any key", op.all_keys)) if on]
-        args = ", ".join(kind.name for kind in op.args) or "—"
+        wire_order = [k for k in op.args if k.single] + [k for k in op.args if not k.single]
+        args = ", ".join(kind.name for kind in wire_order) or "—"
         result = "none (one-way)" if op.one_way else op.result.name
         rows.append(f"| {op.code} | `{op.name}`: {op.doc} | {args} | {result} | "
                     f"{', '.join(props) or '—'} |")
