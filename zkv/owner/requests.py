@@ -34,6 +34,8 @@ log = logging.getLogger("zkv.owner")
 
 _ERROR = int(wire.Status.ERROR)
 _OK = int(wire.Status.OK)
+_NONE = int(wire.Status.NONE)
+_GET = ops.GET.code
 _PIPELINE = ops.PIPELINE.code
 
 
@@ -97,7 +99,16 @@ class Requests:
                 return
         self.routing_id = routing_id
         self.rid = rid
-        if code == _PIPELINE:
+        if code == _GET and len(args) == 1 and type(args[0]) is bytes:
+            # The most frequent request, on a short path: what ops.GET does (a test checks
+            # that both answer alike), without the generic decode and result steps.
+            try:
+                entry = self.state.get(args[0].decode("utf-8", "surrogatepass"))
+            except UnicodeDecodeError:
+                status, out = self._apply(op, args)  # (which says what is wrong)
+            else:
+                status, out = (_NONE, []) if entry is None else (_OK, self.entry_frames(entry))
+        elif code == _PIPELINE:
             status, out = self._pipeline(args)
         else:
             status, out = self._apply(op, args)
