@@ -104,10 +104,11 @@ class Requests:
             # that both answer alike), without the generic decode and result steps.
             try:
                 entry = self.state.get(args[0].decode("utf-8", "surrogatepass"))
+                status, out = (_NONE, []) if entry is None else (_OK, self.entry_frames(entry))
             except UnicodeDecodeError:
                 status, out = self._apply(op, args)  # (which says what is wrong)
-            else:
-                status, out = (_NONE, []) if entry is None else (_OK, self.entry_frames(entry))
+            except Exception as exc:  # a value the owner holds that cannot travel
+                status, out = _ERROR, wire.encode_error(exc)
         elif code == _PIPELINE:
             status, out = self._pipeline(args)
         else:
