@@ -76,12 +76,12 @@ class Topics:
     def __init__(self, namespace: bytes, exact: Iterable[str] = (),
                  prefixes: Iterable[str] = ()) -> None:
         self.namespace = namespace
-        self.exact = {namespace + wire.key_bytes(name) + b"\0" for name in exact}
-        self.prefixes = [namespace + wire.key_bytes(p) for p in prefixes]
+        self.exact = {wire.topic(namespace, wire.key_bytes(name)) for name in exact}
+        self.prefixes = [wire.topic(namespace, wire.key_bytes(p), exact=False) for p in prefixes]
 
     @classmethod
     def channels(cls, channels: Sequence[str], prefix: str | Iterable[str] | None) -> Topics:
-        return cls(b"c", _check_names(channels, "channel"), _prefix_list(prefix))
+        return cls(wire.CHANNEL_TOPIC, _check_names(channels, "channel"), _prefix_list(prefix))
 
     @classmethod
     def keys(cls, key: str | None, prefix: str | Iterable[str] | None) -> Topics:
@@ -89,7 +89,7 @@ class Topics:
         prefixes = _prefix_list(prefix)
         if key is None and not prefixes:
             prefixes = [""]  # every key
-        return cls(b"k", exact, prefixes)
+        return cls(wire.KEY_TOPIC, exact, prefixes)
 
     def all(self) -> list[bytes]:
         return sorted(self.exact) + self.prefixes
@@ -127,7 +127,7 @@ def decode(topic: bytes, meta: bytes, frames: Sequence[Any]) -> tuple[Message, i
 
 
 def _message(topic: bytes, seq: int, version: int, kind: int, frames: Sequence[Any]) -> Message:
-    name = wire.key_str(topic[1:-1])
+    name = wire.topic_name(topic)
     if kind == Kind.MESSAGE:
         return Message(name, codec.loads(frames), seq)
     if kind == Kind.SET:

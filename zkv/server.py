@@ -583,7 +583,8 @@ class Server:
                 break
             what = item[0]
             if what == "pub":
-                self._fan_out(b"c" + item[1] + b"\0", Kind.MESSAGE, item[2], self.state.version)
+                self._fan_out(wire.topic(b"c", item[1]), Kind.MESSAGE, item[2],
+                             self.state.version)
             elif what == "chg":
                 self._change_event(item[1], item[2], item[3], item[4])
             elif what == "reply":
@@ -612,7 +613,7 @@ class Server:
                     send_frames(self._router, [routing_id, *message])
                 except zmq.ZMQError:
                     pass
-        topic = b"k" + name + b"\0"
+        topic = wire.topic(b"k", name)
         if not any(topic.startswith(t) for t in self._watch_topics):
             return
         frames: list[Frame] = []

@@ -29,7 +29,10 @@ of the first frame only, and a frame less per message is a fifth of the cost of 
 
 Topics: ``c<channel>\\0`` for channel messages (``c<prefix>`` for a prefix subscription),
 ``k<key>\\0`` for change events of a key, ``w<token>`` for the welcome that makes a
-subscription live. ``seq`` counts messages per topic, so a subscriber sees its losses as gaps.
+subscription live. Names are escaped (:func:`topic`: ``\\x01`` becomes ``\\x01\\x02`` and
+NUL ``\\x01\\x01``) so that no name holds NUL: the NUL of an exact topic is its end, and a
+prefix topic matches exactly the names that start with the prefix. ``seq`` counts messages
+per topic, so a subscriber sees its losses as gaps.
 
 Cache invalidation (owner ROUTER -> a client's cache DEALER, on the same pipe as that socket's
 replies, so a reply proves which invalidations came before it)::
@@ -59,10 +62,13 @@ from .codec import Frame
 from .errors import ProtocolError, RemoteError
 
 __all__ = [
+    "CHANNEL_TOPIC",
     "HELLO_MAGIC",
+    "KEY_TOPIC",
     "MORE",
     "OP_MASK",
     "PLAIN_VALUES",
+    "PROBE_TOPIC",
     "PROTOCOL_VERSION",
     "REFS",
     "REPLY_HEADER",
@@ -103,6 +109,8 @@ __all__ = [
     "send_frames",
     "split_keys",
     "split_published",
+    "topic",
+    "topic_name",
     "unpack_frames",
     "unpack_header",
     "unpack_key_value",
@@ -474,6 +482,35 @@ def key_str(frame: Frame) -> str:
         return bytes(frame).decode("utf-8", "surrogatepass")
     except UnicodeDecodeError:
         raise ProtocolError("key is not valid UTF-8") from None
+
+
+#: The namespaces of topics: channel messages, key change events, welcomes (probes).
+CHANNEL_TOPIC = b"c"
+KEY_TOPIC = b"k"
+PROBE_TOPIC = b"w"
+
+
+def topic(namespace: bytes, name: bytes, exact: bool = True) -> bytes:
+    """The topic of a channel or key (``namespace`` ``b"c"`` or ``b"k"``, ``name`` its
+    :func:`key_bytes`), or with ``exact=False`` the topic of a prefix subscription.
+
+    ZeroMQ matches topics by prefix. The name is escaped so that it holds no NUL (``\\x01``
+    becomes ``\\x01\\x02``, then NUL ``\\x01\\x01``: a prefix code, so one escaped name
+    starts with another exactly when the names do), and an exact topic ends with NUL. So an
+    exact topic matches only its own name, and a prefix topic exactly the names that start
+    with the prefix, whatever bytes they hold. The one encoder of topics, for the owner and
+    the subscribers; :func:`topic_name` decodes."""
+    escaped = name.replace(b"\x01", b"\x01\x02").replace(b"\x00", b"\x01\x01")
+    return namespace + escaped + b"\0" if exact else namespace + escaped
+
+
+def topic_name(exact_topic: bytes) -> str:
+    """The channel or key name of an exact topic (inverse of :func:`topic`). Raises
+    ProtocolError if it is not UTF-8."""
+    escaped = exact_topic[1:-1]
+    if b"\x01" in escaped:
+        escaped = escaped.replace(b"\x01\x01", b"\x00").replace(b"\x01\x02", b"\x01")
+    return key_str(escaped)
 
 
 _TOPIC_LEN = struct.Struct("<H")
