@@ -10,6 +10,7 @@ that closes, its clients get ``OwnerGoneError`` at once.
 from __future__ import annotations
 
 import multiprocessing as mp
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -137,3 +138,86 @@ class TestNamesWithNul:
             for name in NAMES:
                 kv.publish(name, 1)
             assert [sub.receive_message(timeout=10).channel for _ in NAMES] == NAMES
+
+
+def _closing_callback(kv: zkv.Store, coroutine: bool, then: Callable[[], None]
+                      ) -> Callable[[Any], Any]:
+    """A callback (plain or coroutine function) that closes ``kv``, then calls ``then``."""
+    if coroutine:
+        async def close_async(data: Any) -> None:
+            kv.close()
+            then()
+        return close_async
+
+    def close(data: Any) -> None:
+        kv.close()
+        then()
+    return close
+
+
+def _client_closing_in_callback(coroutine: bool, ready: Any, returned: Any) -> None:
+    """Child (a client): a callback closes the store; exit 0 once that close returned."""
+    kv = zkv.store()
+    kv.on_subscriber_receive("close")(_closing_callback(kv, coroutine, returned.set))
+    ready.set()
+    if not returned.wait(10):
+        raise SystemExit(3)
+
+
+def _owner_closing_in_callback(coroutine: bool, conn: Any) -> None:
+    """Child (an owner): a callback closes the store; report which zkv owner threads are
+    still alive when that close returned."""
+    kv = zkv.serve()
+    left: list[list[str]] = []
+    done = threading.Event()
+
+    def after() -> None:
+        left.append([t.name for t in threading.enumerate() if t.name == "zkv-owner"])
+        done.set()
+
+    kv.on_subscriber_receive("close")(_closing_callback(kv, coroutine, after))
+    conn.send(kv.endpoint)
+    if not done.wait(10):
+        conn.send("close() called in a callback did not return within 10 s")
+        raise SystemExit(3)
+    conn.send(left[0])
+
+
+@pytest.mark.parametrize("coroutine", [False, True], ids=["function", "coroutine"])
+class TestCloseFromACallback:
+    """A callback that closes its store: close() returns, the process exits cleanly, and an
+    owner that closes stops serving at once (its clients get OwnerGoneError)."""
+
+    def test_in_a_client(self, kv: zkv.Store, coroutine: bool) -> None:
+        spawn = mp.get_context("spawn")
+        ready, returned = spawn.Event(), spawn.Event()
+        child = spawn.Process(target=_client_closing_in_callback,
+                              args=(coroutine, ready, returned))
+        child.start()
+        wait_for(lambda: ready.is_set() or not child.is_alive(), 60, what="callback registered")
+        kv.publish("close", 1)
+        assert returned.wait(10), "close() called in a callback did not return within 10 s"
+        child.join(30)
+        assert child.exitcode == 0
+
+    def test_in_the_owner(self, coroutine: bool) -> None:
+        spawn = mp.get_context("spawn")
+        mine, theirs = spawn.Pipe()
+        owner = spawn.Process(target=_owner_closing_in_callback, args=(coroutine, theirs))
+        owner.start()
+        try:
+            assert mine.poll(60), "the owner did not start"
+            client = zkv.connect(mine.recv())
+            with client.subscribe("other") as sub:
+                client.publish("close", 1)
+                with pytest.raises(zkv.OwnerGoneError):
+                    sub.receive(timeout=10)
+            client.close()
+            assert mine.poll(10)
+            assert mine.recv() == [], "the owner's poller thread outlived close()"
+            owner.join(30)
+            assert owner.exitcode == 0
+        finally:
+            if owner.is_alive():
+                owner.kill()
+                owner.join(10)

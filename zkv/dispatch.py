@@ -63,23 +63,33 @@ class _Handler:
 
 
 class _AsyncRunner:
-    """Runs coroutine callbacks on one event loop, one after another in submission order."""
+    """Runs coroutine callbacks on one event loop, one after another in submission order.
+
+    Without a ``loop`` it runs its own on a thread of its own, which closes the loop when it
+    stops (so that :meth:`close` works from a coroutine on that loop too)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self._thread: threading.Thread | None = None
         if loop is None:
             loop = asyncio.new_event_loop()
-            self._thread = threading.Thread(target=loop.run_forever, name="zkv-asyncio",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._serve, args=(loop,),
+                                            name="zkv-asyncio", daemon=True)
             self._thread.start()
         self.loop = loop
         self._gate: asyncio.Lock | None = None
 
+    @staticmethod
+    def _serve(loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
     def submit(self, fn: Callable[[Any], Any], arg: Any) -> None:
-        if self.loop.is_closed():
+        try:
+            asyncio.run_coroutine_threadsafe(self._run(fn, arg), self.loop)
+        except RuntimeError:  # the loop is closed (the coroutine object is dropped unawaited)
             log.warning("dropped a coroutine callback: its event loop is closed")
-            return
-        asyncio.run_coroutine_threadsafe(self._run(fn, arg), self.loop)
 
     async def _run(self, fn: Callable[[Any], Any], arg: Any) -> None:
         if self._gate is None:
@@ -91,11 +101,16 @@ class _AsyncRunner:
                 log.exception("zkv coroutine callback %r raised", fn)
 
     def close(self) -> None:
-        if self._thread is not None:
+        """Stop zkv's loop after the running coroutine; wait for that at most CLOSE_WAIT
+        seconds (not at all when called from the loop's own thread, by a coroutine)."""
+        if self._thread is None:
+            return
+        try:
             self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=CLOSE_WAIT)
-            if not self._thread.is_alive():  # else a coroutine blocks it: leave it be
-                self.loop.close()
+        except RuntimeError:  # already closed
+            return
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=CLOSE_WAIT)  # if a coroutine blocks it, leave it be
 
 
 class Dispatcher:
@@ -181,11 +196,16 @@ class Dispatcher:
 
     def close(self) -> None:
         """Stop the thread (after the callback running now, if any, has returned; waits at
-        most CLOSE_WAIT seconds for it) and the event loops."""
+        most CLOSE_WAIT seconds for it) and the event loops. Returns at once when called
+        from a callback: its socket is closed now (closing the ZeroMQ context waits for every
+        socket), and the thread stops when the callback returns."""
         self._stopping = True
         self._waker.wake()
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None and thread is threading.current_thread():
+            if self._sock is not None:  # this thread's own socket: safe to close here
+                self._sock.close(0)
+        elif thread is not None:
             thread.join(timeout=CLOSE_WAIT)
             if thread.is_alive() and self._sock is not None:
                 # A callback is still running. Close its socket from here, or closing the
@@ -310,6 +330,8 @@ class Dispatcher:
             log.exception("zkv dispatcher could not decode a message on %r", topic)
             return
         for handler in handlers:
+            if self._stopping:  # a callback closed the store
+                return
             if handler.runner is not None:
                 handler.runner.submit(handler.callback, message.data)
                 continue
