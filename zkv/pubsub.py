@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import struct
 import threading
 import time
 import warnings
@@ -35,9 +34,17 @@ __all__ = ["Change", "Message", "Subscriber", "Topics"]
 log = logging.getLogger("zkv.pubsub")
 
 _SLICE = 0.1  # seconds between owner-liveness checks while waiting
+_SLICE_MS = int(_SLICE * 1000)
 _NOBLOCK = int(zmq.NOBLOCK)
-_META_SIZE = struct.calcsize("<QQB")  # the meta at the end of a published message's topic frame
-_META_FROM = struct.Struct("<QQB").unpack_from
+_RCVTIMEO = int(zmq.RCVTIMEO)
+_MESSAGE, _SET = int(Kind.MESSAGE), int(Kind.SET)
+_MERGED, _MORE, _FLAGS = wire.MERGED, wire.MORE, wire.KIND_FLAGS
+_parse_head = wire.parse_head
+_monotonic = time.monotonic
+_SKIP = object()  # not a message for this subscriber
+#: Topics whose match and name a Subscriber remembers (then it starts again: a prefix
+#: subscription may see any number of channels).
+_NAMES_KEPT = 4096
 
 #: Seconds to wait for a welcome before probing again: when a subscriber's queue is full, the
 #: owner drops a welcome like any other message.
@@ -119,21 +126,26 @@ def _prefix_list(prefix: str | Iterable[str] | None) -> list[str]:
     return _check_names(prefix, "prefix")
 
 
-def decode(topic: bytes, meta: bytes, frames: Sequence[Any]) -> tuple[Message, int]:
-    """Turn a received message into a :class:`Message` (channel messages) or a Message whose
-    data is a :class:`Change` (key events). Returns it and its kind."""
-    seq, version, kind = wire.unpack_meta(meta)
-    return _message(topic, seq, version, kind, frames), kind
+def read_frames(sock: zmq.Socket[Any], head: bytes, kind: int, at: int) -> list[Any]:
+    """The value frames of a published message whose first frame is ``head`` (parsed by
+    :func:`zkv.wire.parse_head`: ``kind`` with its flags, ``at``): the one riding in ``head``
+    and those that follow it on ``sock`` (which must be read even if the message is then
+    skipped)."""
+    frames: list[Any] = [head[at:]] if kind & _MERGED else []
+    if kind & _MORE:
+        frames.extend(wire.recv_rest(sock))
+    return frames
 
 
-def _message(topic: bytes, seq: int, version: int, kind: int, frames: Sequence[Any]) -> Message:
-    name = wire.topic_name(topic)
-    if kind == Kind.MESSAGE:
-        return Message(name, codec.loads(frames), seq)
-    if kind == Kind.SET:
-        value = codec.loads(frames) if frames else None
-        return Message(name, Change(name, "set", value, version), seq)
-    return Message(name, Change(name, "delete", None, version), seq)
+def decode_data(name: str, version: int, kind: int, frames: Sequence[Any]) -> Any:
+    """The data of a received message of channel or key ``name`` (``kind`` without flags):
+    the value published, or a :class:`Change` of the key. Raises
+    :class:`~zkv.DecodeError` if the value cannot be unpickled here."""
+    if kind == _MESSAGE:
+        return codec.loads(frames)
+    if kind == _SET:
+        return Change(name, "set", codec.loads(frames) if frames else None, version)
+    return Change(name, "delete", None, version)
 
 
 class GapCounter:
@@ -161,7 +173,11 @@ class GapCounter:
 
     def accept(self, topic: bytes, seq: int) -> bool:
         """Record ``seq`` for ``topic``; False if the message is older than the subscription."""
-        prev = self._last.get(topic, 0)
+        last = self._last
+        prev = last.get(topic, 0)
+        if seq == prev + 1 and not self._unreported:  # the usual case: the next one
+            last[topic] = seq
+            return True
         if seq <= prev:
             return False
         self._last[topic] = seq
@@ -214,13 +230,14 @@ def await_welcome(sock: zmq.Socket[Any], topics: Sequence[bytes], timeout: float
         remaining = deadline - now
         if sock.poll(int(max(0.0, min(remaining, _SLICE)) * 1000)):
             try:
-                frames = wire.split_published(sock.recv_multipart())
+                topic, _seq, _version, kind, values = wire.split_published(
+                    sock.recv_multipart())
             except ProtocolError:
                 continue
-            if frames[0] in probes and len(frames) == 3:
+            if topic in probes and kind == Kind.WELCOME and len(values) == 1:
                 for probe in probes:
                     sock.setsockopt(zmq.UNSUBSCRIBE, probe)
-                return wire.parse_welcome(frames[2])
+                return wire.parse_welcome(values[0])
         elif not alive():
             raise OwnerGoneError("the zkv owner is gone")
         if remaining <= 0:
@@ -254,6 +271,10 @@ class Subscriber:
         self._closed = False
         self._gaps = GapCounter(what, hwm)
         self._sock = open_sub_socket(ctx, address, hwm)
+        self._recv = self._sock.recv
+        self._rcvtimeo = -1  # the socket's RCVTIMEO (ms), set when a wait needs another
+        self._names: dict[bytes, str] = {}  # topic -> name, of the topics it asked for
+        self._ignored: set[bytes] = set()  # topics it did not ask for (ZeroMQ's prefix match)
         self._async_sock: zmq.asyncio.Socket | None = None
         try:
             for topic in topics.all():
@@ -277,46 +298,80 @@ class Subscriber:
         """The next :class:`Message`. Waits up to ``timeout`` seconds (None: until one comes)
         and then raises :class:`~zkv.ZkvTimeoutError`; raises :class:`~zkv.OwnerGoneError` if
         the owner dies while waiting and :class:`~zkv.StoreClosedError` once closed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._receive(timeout, True)  # type: ignore[no-any-return]
+
+    def receive(self, timeout: float | None = None) -> Any:
+        """The next message's data (see :meth:`receive_message`)."""
+        return self._receive(timeout, False)
+
+    def _receive(self, timeout: float | None, whole: bool) -> Any:
+        """The next message (``whole``) or its data. One blocking ``recv`` per message, with
+        the socket's RCVTIMEO as the wait: at most a slice, so that a dead owner is noticed."""
+        deadline = None if timeout is None else _monotonic() + timeout
         while True:
             with self._lock:
                 if self._closed:
                     raise StoreClosedError("this subscriber is closed")
-                try:  # what is queued already is taken without waiting (the fast path)
-                    frames = wire.recv_message(self._sock, _NOBLOCK)
+                if deadline is None:
+                    wait = _SLICE_MS
+                else:
+                    left = deadline - _monotonic()
+                    wait = _SLICE_MS if left >= _SLICE else (int(left * 1000) or 1) \
+                        if left > 0 else 0
+                if wait != self._rcvtimeo:
+                    self._sock.setsockopt(_RCVTIMEO, wait)
+                    self._rcvtimeo = wait
+                try:
+                    head = self._recv()
                 except zmq.Again:
-                    frames = None
-                if frames is not None:
-                    message = self._take(frames)
-                    if message is not None:
-                        return message
-                    continue
-                wait = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
-                if wait > 0 and self._sock.poll(max(1, int(wait * 1000))):
+                    pass
+                else:
+                    got = self._take(head, whole)
+                    if got is not _SKIP:
+                        return got
                     continue
             if not self._alive():
                 raise OwnerGoneError("the zkv owner is gone")
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and _monotonic() >= deadline:
                 raise ZkvTimeoutError(f"no message within {timeout}s")
 
-    def receive(self, timeout: float | None = None) -> Any:
-        """The next message's data (see :meth:`receive_message`)."""
-        return self.receive_message(timeout).data
-
-    def _take(self, frames: list[bytes]) -> Message | None:
-        """The message in ``frames`` (as received), or None if it is not for this subscriber
-        (a prefix match of ZeroMQ's that is not an exact one) or older than its welcome."""
-        head = frames[0]
-        cut = len(head) - _META_SIZE
-        if cut < 1:
-            return None
-        topic = head[:cut]
-        if not self._topics.matches(topic):
-            return None
-        seq, version, kind = _META_FROM(head, cut)
+    def _take(self, head: bytes, whole: bool) -> Any:
+        """The message (``whole``) or the data whose first frame is ``head`` (its other
+        frames are read here), or _SKIP if it is not for this subscriber (a prefix match of
+        ZeroMQ's that is not one of its own, a late welcome) or older than its welcome."""
+        try:
+            topic, seq, version, kind, at = _parse_head(head)
+        except ProtocolError:
+            while self._sock.get(zmq.RCVMORE):  # skip the rest of it
+                self._sock.recv()
+            return _SKIP
+        frames = read_frames(self._sock, head, kind, at) if kind & _FLAGS else ()
+        name = self._names.get(topic)
+        if name is None:
+            name = self._learn(topic)
+            if name is None:
+                return _SKIP
         if not self._gaps.accept(topic, seq):
+            return _SKIP
+        kind &= ~_FLAGS
+        if kind == _MESSAGE:
+            data = codec.loads(frames)
+        else:
+            data = decode_data(name, version, kind, frames)
+        return Message(name, data, seq) if whole else data
+
+    def _learn(self, topic: bytes) -> str | None:
+        """The name of ``topic``, or None if this subscriber did not ask for it."""
+        if topic in self._ignored:
             return None
-        return _message(topic, seq, version, kind, frames[1:])
+        if len(self._names) + len(self._ignored) >= _NAMES_KEPT:
+            self._names.clear()
+            self._ignored.clear()
+        if not self._topics.matches(topic):
+            self._ignored.add(topic)
+            return None
+        name = self._names[topic] = wire.topic_name(topic)
+        return name
 
     def __iter__(self) -> Iterator[Any]:
         while True:
@@ -344,12 +399,12 @@ class Subscriber:
                     if self._closed:
                         raise StoreClosedError("this subscriber is closed")
                     try:
-                        frames = wire.recv_message(self._sock, _NOBLOCK)
+                        head = self._recv(_NOBLOCK)
                     except zmq.Again:
                         continue
-                message = self._take(frames)
-                if message is not None:
-                    return message
+                    message = self._take(head, True)
+                if message is not _SKIP:
+                    return message  # type: ignore[no-any-return]
             elif not self._alive():
                 raise OwnerGoneError("the zkv owner is gone")
 

@@ -22,10 +22,15 @@ section (u32 little-endian), followed by the sections' frames.
 
 Published message (owner XPUB -> SUB)::
 
-    [topic + meta: seq u64, version u64, kind u8] [value frames ...]
+    [topic + meta: seq u64, version u64, kind u8 (+ the value's first frame)] [value frames ...]
 
-(the meta rides at the end of the topic frame: ZeroMQ matches subscriptions against the start
-of the first frame only, and a frame less per message is a fifth of the cost of a small one).
+(the meta rides in the topic frame, after the topic: ZeroMQ matches subscriptions against the
+start of the first frame only, and a frame less per message is a fifth of the cost of a small
+one). The kind byte's ``MERGED`` flag says the value's first frame rides there too, after the
+meta (the usual message: one frame in all); its ``MORE`` flag says frames follow, so that a
+subscriber never asks ZeroMQ whether there are more. A topic ends at its NUL (names hold none:
+see below); a welcome's topic (a probe) may hold any byte, so its meta ends its frame and its
+payload follows.
 
 Topics: ``c<channel>\\0`` for channel messages (``c<prefix>`` for a prefix subscription),
 ``k<key>\\0`` for change events of a key, ``w<token>`` for the welcome that makes a
@@ -65,6 +70,7 @@ __all__ = [
     "CHANNEL_TOPIC",
     "HELLO_MAGIC",
     "KEY_TOPIC",
+    "KIND_FLAGS",
     "MORE",
     "OP_MASK",
     "PLAIN_VALUES",
@@ -97,6 +103,7 @@ __all__ = [
     "pack_spill",
     "pack_welcome",
     "parse_greeting",
+    "parse_head",
     "parse_welcome",
     "probe_topics",
     "published",
@@ -624,16 +631,54 @@ def recv_message(sock: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
 
 def published(topic: bytes, seq: int, version: int, kind: int,
               frames: Sequence[Frame]) -> list[Frame]:
-    """The frames of a published message (see the module docstring)."""
-    return [topic + _META.pack(seq, version, kind), *frames]
+    """The frames of a published message (see the module docstring): ``topic`` (exact, or a
+    probe for a welcome), the meta, and the value's ``frames``, the first of them in the head
+    frame when it is small (never for a welcome)."""
+    if not frames:
+        return [topic + _META.pack(seq, version, kind)]
+    first = frames[0]
+    if type(first) is bytes and len(first) < _MERGE_LIMIT and topic[0] != _PROBE:
+        if len(frames) == 1:
+            return [topic + _META.pack(seq, version, kind | MERGED) + first]
+        return [topic + _META.pack(seq, version, kind | MERGED | MORE) + first, *frames[1:]]
+    return [topic + _META.pack(seq, version, kind | MORE), *frames]
 
 
-def split_published(frames: list[Any]) -> list[Any]:
-    """``[topic, meta, *value_frames]`` from a received published message."""
+_PROBE = PROBE_TOPIC[0]
+_META_SIZE = _META.size
+_META_FROM = _META.unpack_from
+#: The flags of a published message's kind byte (see :func:`published`).
+KIND_FLAGS = MERGED | MORE
+
+
+def parse_head(head: bytes) -> tuple[bytes, int, int, int, int]:
+    """``(topic, seq, version, kind, at)`` of a published message's first frame. ``kind``
+    keeps its flags: with ``MERGED`` the value's first frame is ``head[at:]``; with ``MORE``
+    value frames follow this one. Raises ProtocolError."""
+    try:
+        if head[0] == _PROBE:  # a welcome: the meta ends the frame
+            end = len(head) - _META_SIZE
+            if end < 1:
+                raise ValueError
+        else:
+            end = head.index(0) + 1
+        seq, version, kind = _META_FROM(head, end)
+    except (IndexError, ValueError, struct.error):
+        raise ProtocolError(f"malformed published message of {len(head)} bytes") from None
+    return head[:end], seq, version, kind, end + _META_SIZE
+
+
+def split_published(frames: Sequence[Any]) -> tuple[bytes, int, int, int, list[Any]]:
+    """``(topic, seq, version, kind, value_frames)`` of a whole received published message
+    (``kind`` without its flags). Raises ProtocolError."""
     head = frames[0]
-    if len(head) < _META.size:
-        raise ProtocolError(f"published message of {len(head)} bytes has no meta")
-    return [head[:-_META.size], head[-_META.size:], *frames[1:]]
+    topic, seq, version, kind, at = parse_head(head)
+    values: list[Any] = [head[at:]] if kind & MERGED else []
+    if kind & MORE:
+        values.extend(frames[1:])
+    elif len(frames) > 1:
+        raise ProtocolError("published message with frames its kind does not announce")
+    return topic, seq, version, kind & ~KIND_FLAGS, values
 
 
 def encode_json(obj: Any) -> bytes:
