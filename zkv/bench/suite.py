@@ -598,6 +598,7 @@ class Lab:
     @staticmethod
     def _pub_rep(p: _PubRow, results: list[dict[str, Any]], sent: int, t0: float) -> Rep:
         received = dropped = silent = 0
+        cpu = 0.0
         rates = []
         delays: list[float] = []
         for r in results:
@@ -606,10 +607,11 @@ class Lab:
             dropped += r["dropped"]
             silent += max(0, before - r["received"] - r["dropped"])
             delays.extend(r["delays"])
+            cpu += r["cpu"]
             span = r["last"] - t0
             rates.append(r["received"] / span if r["received"] and span > 0 else 0.0)
         extra = {"sent": float(sent * p.k), "received": float(received),
-                 "dropped": float(dropped), "silent": float(silent)}
+                 "dropped": float(dropped), "silent": float(silent), "cpu": cpu}
         if p.latency:
             return Rep(delays, extra)
         return Rep([min(rates)], extra)

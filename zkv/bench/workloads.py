@@ -309,9 +309,10 @@ def subscriber_loop(agent: Agent, spec: Spec, channel: str, hwm: int, max_wait: 
     """Subscribe to ``channel``, say ready, and count messages until the marker (a negative
     counter) arrives, one receive call per message (``mode``: see :class:`ZkvSubscriber`;
     ``"callback"``: a zkv callback). With ``latency``, each message carries its send time
-    and the delay is kept. ``marker_seq`` (zkv only) is the marker's sequence number: every
-    message before it was either received or counted in ``dropped``, unless some were lost
-    silently."""
+    and the delay is kept. ``cpu`` is the CPU time the subscriber's process spent meanwhile
+    (all its threads: the ZeroMQ I/O thread, zkv's dispatcher). ``marker_seq`` (zkv only) is
+    the marker's sequence number: every message before it was either received or counted in
+    ``dropped``, unless some were lost silently."""
     if mode == "callback":
         return _callback_loop(agent, spec, channel, max_wait, latency)
     sub = _open_sub(agent, spec, channel, hwm, mode, max_wait)
@@ -324,6 +325,7 @@ def subscriber_loop(agent: Agent, spec: Spec, channel: str, hwm: int, max_wait: 
         marked = False
         clock = time.monotonic
         deadline = clock() + max_wait
+        cpu = time.process_time()
         while True:
             got = sub.receive(0.05)
             if got is None:
@@ -340,7 +342,8 @@ def subscriber_loop(agent: Agent, spec: Spec, channel: str, hwm: int, max_wait: 
             if latency:
                 delays.append(last - sent_at)
         return {"received": received, "last": last, "delays": delays,
-                "dropped": sub.dropped, "marker_seq": marker_seq, "marked": marked}
+                "dropped": sub.dropped, "marker_seq": marker_seq, "marked": marked,
+                "cpu": time.process_time() - cpu}
     finally:
         sub.close()
 
@@ -371,14 +374,16 @@ def _callback_loop(agent: Agent, spec: Spec, channel: str, max_wait: float,
     try:
         agent.ready()
         deadline = clock() + max_wait
+        cpu = time.process_time()
         while not marked.wait(0.05):
             if clock() > deadline or agent.aborted():
                 break
+        cpu = time.process_time() - cpu
     finally:
         store.remove_callback(on_message)
     return {"received": counts["received"], "last": counts["last"], "delays": delays,
             "dropped": store.dropped - dropped, "marker_seq": None,
-            "marked": marked.is_set()}
+            "marked": marked.is_set(), "cpu": cpu}
 
 
 def publish_loop(publish: Callable[[str, Any], None], channel: str, messages: int,
