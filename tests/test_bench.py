@@ -21,7 +21,9 @@ ROWS = {
     "child_get", "child_set", "owner_get", "owner_set",
     "set_1mb", "get_1mb", "set_2mb", "get_2mb",  # smoke runs use 2 MB for the large value
     "get_many", "set_many", "pipeline", "cached_get", "cache_staleness",
-    "pub_rate_1", "pub_rate_4", "pub_latency_1", "pub_latency_4",
+    "pub_rate_1", "pub_rate_4", "pub_receive_1", "pub_iter_1", "pub_callback_1",
+    "pub_worker_1", "pub_worker_receive_1", "pub_worker_iter_1", "pub_worker_callback_1",
+    "pub_float_1", "pub_latency_1", "pub_latency_4",
     "clients_1", "clients_4", "clients_16", "busy_owner",
 }
 REPORTED = {"ok", "skipped", "not available"}
@@ -67,7 +69,7 @@ class TestSmokeRun:
                     assert f"{target['label']}: {state}" in proc.stdout
 
         # zkv's pub/sub accounting: every message was received or reported dropped.
-        for row_id in ("pub_rate_1", "pub_rate_4", "pub_latency_1", "pub_latency_4"):
+        for row_id in sorted(r for r in ROWS if r.startswith("pub_")):
             row = next(r for r in data["rows"] if r["id"] == row_id)
             extra = row["cases"][0]["reps"][0]["extra"]
             assert extra["received"] + extra["dropped"] == extra["sent"] > 0, (row_id, extra)

@@ -157,6 +157,41 @@ class TestDeadlinesUnderSignals:
         assert report["elapsed"] < 20, report  # not the 60 s timeout
 
 
+def _receive_under_signals(timeout: float) -> dict[str, Any]:
+    """A subscriber's receive with ``timeout`` and no message coming, while a timer signal
+    arrives every 20 ms."""
+    kv = zkv.store()
+    sub = kv.subscribe("silence")
+    ticks = [0]
+
+    def tick(signum: int, frame: Any) -> None:
+        ticks[0] += 1
+
+    signal.signal(signal.SIGALRM, tick)
+    signal.setitimer(signal.ITIMER_REAL, 0.02, 0.02)
+    started = time.monotonic()
+    try:
+        sub.receive(timeout=timeout)
+        outcome = "received"
+    except zkv.ZkvError as exc:
+        outcome = type(exc).__name__
+    finally:
+        elapsed = time.monotonic() - started
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+    sub.close()
+    return {"outcome": outcome, "elapsed": elapsed, "ticks": ticks[0]}
+
+
+class TestReceiveUnderSignals:
+    """A subscriber's receive ends by its timeout however many signals arrive."""
+
+    def test_receive_times_out(self, kv: zkv.Store) -> None:
+        report = call_in_child(SPAWN, _receive_under_signals, 1.0, timeout=60)
+        assert report["outcome"] == "ZkvTimeoutError", report
+        assert report["ticks"] >= 20, report
+        assert 0.9 <= report["elapsed"] < 10, report
+
+
 # -- 10. Threads and file descriptors --------------------------------------------------------------
 
 def _fd_count() -> int:
@@ -534,10 +569,13 @@ class TestCachedReadsAreMonotonic:
         stop = threading.Event()
 
         def write() -> None:
+            # Writes as fast as it can, but lets the owner's loop thread have the GIL between
+            # writes (a thread that never does is the busy owner of issue 11, not this test).
             i = 0
             while not stop.is_set():
                 i += 1
                 kv.set("c.k", i)
+                time.sleep(0)
 
         writer = threading.Thread(target=write)
         writer.start()

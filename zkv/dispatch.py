@@ -26,9 +26,9 @@ from typing import Any
 
 import zmq
 
-from . import wire
+from . import codec, wire
 from .errors import OwnerGoneError, ProtocolError, ZkvTimeoutError
-from .pubsub import REPROBE_AFTER, GapCounter, Topics, decode, open_sub_socket
+from .pubsub import REPROBE_AFTER, GapCounter, Topics, decode_data, open_sub_socket, read_frames
 from .sockets import Waker
 from .wire import Kind
 
@@ -38,6 +38,13 @@ log = logging.getLogger("zkv.dispatch")
 
 #: Seconds :meth:`Dispatcher.close` waits for a running callback to return.
 CLOSE_WAIT = 2.0
+
+_DRAIN_MS = 2  # while messages flow, the thread waits this long in recv for the next one
+_BATCH = 1000  # messages between two looks at pending subscriptions (reprobes, deadlines)
+_ROUTES_KEPT = 4096  # topics whose handlers are remembered (prefix callbacks see any number)
+_MESSAGE, _WELCOME = int(Kind.MESSAGE), int(Kind.WELCOME)
+_FLAGS = wire.KIND_FLAGS
+_parse_head = wire.parse_head
 
 
 @dataclasses.dataclass(eq=False)
@@ -63,23 +70,33 @@ class _Handler:
 
 
 class _AsyncRunner:
-    """Runs coroutine callbacks on one event loop, one after another in submission order."""
+    """Runs coroutine callbacks on one event loop, one after another in submission order.
+
+    Without a ``loop`` it runs its own on a thread of its own, which closes the loop when it
+    stops (so that :meth:`close` works from a coroutine on that loop too)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
         self._thread: threading.Thread | None = None
         if loop is None:
             loop = asyncio.new_event_loop()
-            self._thread = threading.Thread(target=loop.run_forever, name="zkv-asyncio",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._serve, args=(loop,),
+                                            name="zkv-asyncio", daemon=True)
             self._thread.start()
         self.loop = loop
         self._gate: asyncio.Lock | None = None
 
+    @staticmethod
+    def _serve(loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
     def submit(self, fn: Callable[[Any], Any], arg: Any) -> None:
-        if self.loop.is_closed():
+        try:
+            asyncio.run_coroutine_threadsafe(self._run(fn, arg), self.loop)
+        except RuntimeError:  # the loop is closed (the coroutine object is dropped unawaited)
             log.warning("dropped a coroutine callback: its event loop is closed")
-            return
-        asyncio.run_coroutine_threadsafe(self._run(fn, arg), self.loop)
 
     async def _run(self, fn: Callable[[Any], Any], arg: Any) -> None:
         if self._gate is None:
@@ -91,11 +108,16 @@ class _AsyncRunner:
                 log.exception("zkv coroutine callback %r raised", fn)
 
     def close(self) -> None:
-        if self._thread is not None:
+        """Stop zkv's loop after the running coroutine; wait for that at most CLOSE_WAIT
+        seconds (not at all when called from the loop's own thread, by a coroutine)."""
+        if self._thread is None:
+            return
+        try:
             self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=CLOSE_WAIT)
-            if not self._thread.is_alive():  # else a coroutine blocks it: leave it be
-                self.loop.close()
+        except RuntimeError:  # already closed
+            return
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=CLOSE_WAIT)  # if a coroutine blocks it, leave it be
 
 
 class Dispatcher:
@@ -111,6 +133,8 @@ class Dispatcher:
         self._alive = alive
         self._announce = announce
         self._handlers: list[_Handler] = []
+        #: topic -> its live handlers; replaced (under the mutex) when the handlers change.
+        self._routes: dict[bytes, list[_Handler]] = {}
         self._runners: dict[int, _AsyncRunner] = {}
         self._mutex = threading.Lock()
         self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
@@ -163,6 +187,7 @@ class Dispatcher:
         with self._mutex:
             if handler in self._handlers:
                 self._handlers.remove(handler)
+                self._routes = {}
                 self._commands.append(("unsub", handler.topics.all()))
         self._waker.wake()
 
@@ -181,11 +206,16 @@ class Dispatcher:
 
     def close(self) -> None:
         """Stop the thread (after the callback running now, if any, has returned; waits at
-        most CLOSE_WAIT seconds for it) and the event loops."""
+        most CLOSE_WAIT seconds for it) and the event loops. Returns at once when called
+        from a callback: its socket is closed now (closing the ZeroMQ context waits for every
+        socket), and the thread stops when the callback returns."""
         self._stopping = True
         self._waker.wake()
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        if thread is not None and thread is threading.current_thread():
+            if self._sock is not None:  # this thread's own socket: safe to close here
+                self._sock.close(0)
+        elif thread is not None:
             thread.join(timeout=CLOSE_WAIT)
             if thread.is_alive() and self._sock is not None:
                 # A callback is still running. Close its socket from here, or closing the
@@ -202,6 +232,8 @@ class Dispatcher:
 
     def _run(self) -> None:
         sock = self._sock = open_sub_socket(self._ctx, self._address, self._hwm)
+        sock.setsockopt(zmq.RCVTIMEO, _DRAIN_MS)
+        recv = sock.recv
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._waker.fd, zmq.POLLIN)
@@ -228,16 +260,19 @@ class Dispatcher:
                         for topic in command[1]:
                             sock.setsockopt(zmq.UNSUBSCRIBE, topic)
                 if sock in ready:
-                    for _ in range(1000):
+                    # While messages keep coming, wait for the next one in recv (up to
+                    # _DRAIN_MS: the socket's RCVTIMEO): no poll and no exception per message.
+                    # Commands and close are checked after each one.
+                    for _ in range(_BATCH):
                         try:
-                            frames = wire.split_published(sock.recv_multipart(zmq.NOBLOCK))
+                            head = recv()
                         except zmq.Again:
                             break
-                        except ProtocolError:
-                            continue
-                        self._on_message(sock, frames, pending)
+                        self._on_message(sock, head, pending)
                         if self._stopping:
                             return
+                        if self._commands:
+                            break
                 if pending:
                     self._expire(sock, pending)
         except Exception:  # pragma: no cover - a bug; keep the traceback
@@ -278,42 +313,65 @@ class Dispatcher:
             sock.setsockopt(zmq.UNSUBSCRIBE, probe)
         waiting.done.set()
 
-    def _on_message(self, sock: zmq.Socket[Any], frames: list[bytes],
+    def _on_message(self, sock: zmq.Socket[Any], head: bytes,
                     pending: dict[bytes, _Pending]) -> None:
-        if len(frames) < 2:
-            return
-        topic, meta = frames[0], frames[1]
-        if topic in pending:
-            waiting = pending[topic]
-            snapshot = wire.parse_welcome(frames[2]) if len(frames) > 2 else {}
-            with self._mutex:
-                live = [h for h in self._handlers if h.live]
-            # Count gaps from the welcome for topics no live handler follows; keep counting
-            # (losses before the welcome included) for those one does.
-            self.gaps.start(snapshot, lambda t: any(h.topics.matches(t) for h in live))
-            waiting.handler.live = True
-            self._settle(sock, pending, waiting)
-            return
+        """A received message (its first frame; the others are read here): a welcome, or
+        data for the callbacks of its topic."""
         try:
-            seq, _version, kind = wire.unpack_meta(meta)
-        except Exception:
+            topic, seq, version, kind, at = _parse_head(head)
+        except ProtocolError:
+            while sock.get(zmq.RCVMORE):  # skip the rest of it
+                sock.recv()
             return
-        if kind == Kind.WELCOME:
+        frames = read_frames(sock, head, kind, at) if kind & _FLAGS else ()
+        kind &= ~_FLAGS
+        if kind == _WELCOME:
+            waiting = pending.get(topic)
+            if waiting is not None:  # (else: a late answer to a probe already answered)
+                self._welcomed(sock, pending, waiting,
+                               wire.parse_welcome(frames[0]) if frames else {})
             return
-        with self._mutex:
-            handlers = [h for h in self._handlers if h.live and h.topics.matches(topic)]
+        handlers = self._routes.get(topic)
+        if handlers is None:
+            handlers = self._route(topic)
         if not handlers or not self.gaps.accept(topic, seq):
             return
         try:
-            message, _kind = decode(topic, meta, frames[2:])
+            data = codec.loads(frames) if kind == _MESSAGE else \
+                decode_data(wire.topic_name(topic), version, kind, frames)
         except Exception:
             log.exception("zkv dispatcher could not decode a message on %r", topic)
             return
         for handler in handlers:
+            if self._stopping:  # a callback closed the store
+                return
             if handler.runner is not None:
-                handler.runner.submit(handler.callback, message.data)
+                handler.runner.submit(handler.callback, data)
                 continue
             try:
-                handler.callback(message.data)
+                handler.callback(data)
             except Exception:
                 log.exception("zkv callback %r raised", handler.callback)
+
+    def _welcomed(self, sock: zmq.Socket[Any], pending: dict[bytes, _Pending],
+                  waiting: _Pending, snapshot: dict[bytes, int]) -> None:
+        """The owner's welcome for a subscription: its handler is live from here."""
+        with self._mutex:
+            live = [h for h in self._handlers if h.live]
+        # Count gaps from the welcome for topics no live handler follows; keep counting
+        # (losses before the welcome included) for those one does.
+        self.gaps.start(snapshot, lambda t: any(h.topics.matches(t) for h in live))
+        with self._mutex:
+            waiting.handler.live = True
+            self._routes = {}
+        self._settle(sock, pending, waiting)
+
+    def _route(self, topic: bytes) -> list[_Handler]:
+        """The live handlers of ``topic``, in registration order (remembered until the
+        handlers change)."""
+        with self._mutex:
+            handlers = [h for h in self._handlers if h.live and h.topics.matches(topic)]
+            if len(self._routes) >= _ROUTES_KEPT:
+                self._routes = {}
+            self._routes[topic] = handlers
+        return handlers

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import struct
 import threading
 import time
 import warnings
@@ -28,7 +27,8 @@ import zmq.asyncio
 
 from . import codec, wire
 from .errors import OwnerGoneError, ProtocolError, StoreClosedError, ZkvTimeoutError
-from .sockets import recv_message
+from .sockets import poll as _poll
+from .sockets import recv_rest
 from .wire import Kind
 
 __all__ = ["Change", "Message", "Subscriber", "Topics"]
@@ -37,8 +37,15 @@ log = logging.getLogger("zkv.pubsub")
 
 _SLICE = 0.1  # seconds between owner-liveness checks while waiting
 _NOBLOCK = int(zmq.NOBLOCK)
-_META_SIZE = struct.calcsize("<QQB")  # the meta at the end of a published message's topic frame
-_META_FROM = struct.Struct("<QQB").unpack_from
+_POLLIN = int(zmq.POLLIN)
+_MESSAGE, _SET, _EXPIRE = int(Kind.MESSAGE), int(Kind.SET), int(Kind.EXPIRE)
+_MERGED, _MORE, _FLAGS = wire.KIND_MERGED, wire.KIND_MORE, wire.KIND_FLAGS
+_parse_head = wire.parse_head
+_monotonic = time.monotonic
+_SKIP = object()  # not a message for this subscriber
+#: Topics whose match and name a Subscriber remembers (then it starts again: a prefix
+#: subscription may see any number of channels).
+_NAMES_KEPT = 4096
 
 #: Seconds to wait for a welcome before probing again: when a subscriber's queue is full, the
 #: owner drops a welcome like any other message.
@@ -53,6 +60,21 @@ class Message:
     channel: str
     data: Any
     seq: int
+
+
+_new = object.__new__
+
+
+def _message(channel: str, data: Any, seq: int) -> Message:
+    """``Message(channel, data, seq)`` in half the time: a frozen dataclass's ``__init__``
+    sets each field through ``object.__setattr__``; this fills the instance's ``__dict__``
+    (the same result: Message has no ``__post_init__`` and no slots)."""
+    message = _new(Message)
+    fields = message.__dict__
+    fields["channel"] = channel
+    fields["data"] = data
+    fields["seq"] = seq
+    return message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +100,12 @@ class Topics:
     def __init__(self, namespace: bytes, exact: Iterable[str] = (),
                  prefixes: Iterable[str] = ()) -> None:
         self.namespace = namespace
-        self.exact = {namespace + wire.key_bytes(name) + b"\0" for name in exact}
-        self.prefixes = [namespace + wire.key_bytes(p) for p in prefixes]
+        self.exact = {wire.topic(namespace, wire.key_bytes(name)) for name in exact}
+        self.prefixes = [wire.topic(namespace, wire.key_bytes(p), exact=False) for p in prefixes]
 
     @classmethod
     def channels(cls, channels: Sequence[str], prefix: str | Iterable[str] | None) -> Topics:
-        return cls(b"c", _check_names(channels, "channel"), _prefix_list(prefix))
+        return cls(wire.CHANNEL_TOPIC, _check_names(channels, "channel"), _prefix_list(prefix))
 
     @classmethod
     def keys(cls, key: str | None, prefix: str | Iterable[str] | None) -> Topics:
@@ -91,7 +113,7 @@ class Topics:
         prefixes = _prefix_list(prefix)
         if key is None and not prefixes:
             prefixes = [""]  # every key
-        return cls(b"k", exact, prefixes)
+        return cls(wire.KEY_TOPIC, exact, prefixes)
 
     def all(self) -> list[bytes]:
         return sorted(self.exact) + self.prefixes
@@ -121,22 +143,26 @@ def _prefix_list(prefix: str | Iterable[str] | None) -> list[str]:
     return _check_names(prefix, "prefix")
 
 
-def decode(topic: bytes, meta: bytes, frames: Sequence[Any]) -> tuple[Message, int]:
-    """Turn a received message into a :class:`Message` (channel messages) or a Message whose
-    data is a :class:`Change` (key events). Returns it and its kind."""
-    seq, version, kind = wire.unpack_meta(meta)
-    return _message(topic, seq, version, kind, frames), kind
+def read_frames(sock: zmq.Socket[Any], head: bytes, kind: int, at: int) -> list[Any]:
+    """The value frames of a published message whose first frame is ``head`` (parsed by
+    :func:`zkv.wire.parse_head`: ``kind`` with its flags, ``at``): the one riding in ``head``
+    and those that follow it on ``sock`` (which must be read even if the message is then
+    skipped)."""
+    frames: list[Any] = [head[at:]] if kind & _MERGED else []
+    if kind & _MORE:
+        frames.extend(recv_rest(sock))
+    return frames
 
 
-def _message(topic: bytes, seq: int, version: int, kind: int, frames: Sequence[Any]) -> Message:
-    name = wire.key_str(topic[1:-1])
-    if kind == Kind.MESSAGE:
-        return Message(name, codec.loads(frames), seq)
-    if kind == Kind.SET:
-        value = codec.loads(frames) if frames else None
-        return Message(name, Change(name, "set", value, version), seq)
-    return Message(name, Change(name, "expire" if kind == Kind.EXPIRE else "delete", None,
-                                version), seq)
+def decode_data(name: str, version: int, kind: int, frames: Sequence[Any]) -> Any:
+    """The data of a received message of channel or key ``name`` (``kind`` without flags):
+    the value published, or a :class:`Change` of the key. Raises
+    :class:`~zkv.DecodeError` if the value cannot be unpickled here."""
+    if kind == _MESSAGE:
+        return codec.loads(frames)
+    if kind == _SET:
+        return Change(name, "set", codec.loads(frames) if frames else None, version)
+    return Change(name, "expire" if kind == _EXPIRE else "delete", None, version)
 
 
 class GapCounter:
@@ -164,7 +190,11 @@ class GapCounter:
 
     def accept(self, topic: bytes, seq: int) -> bool:
         """Record ``seq`` for ``topic``; False if the message is older than the subscription."""
-        prev = self._last.get(topic, 0)
+        last = self._last
+        prev = last.get(topic, 0)
+        if seq == prev + 1 and not self._unreported:  # the usual case: the next one
+            last[topic] = seq
+            return True
         if seq <= prev:
             return False
         self._last[topic] = seq
@@ -217,13 +247,14 @@ def await_welcome(sock: zmq.Socket[Any], topics: Sequence[bytes], timeout: float
         remaining = deadline - now
         if sock.poll(int(max(0.0, min(remaining, _SLICE)) * 1000)):
             try:
-                frames = wire.split_published(sock.recv_multipart())
+                topic, _seq, _version, kind, values = wire.split_published(
+                    sock.recv_multipart())
             except ProtocolError:
                 continue
-            if frames[0] in probes and len(frames) == 3:
+            if topic in probes and kind == Kind.WELCOME and len(values) == 1:
                 for probe in probes:
                     sock.setsockopt(zmq.UNSUBSCRIBE, probe)
-                return wire.parse_welcome(frames[2])
+                return wire.parse_welcome(values[0])
         elif not alive():
             raise OwnerGoneError("the zkv owner is gone")
         if remaining <= 0:
@@ -257,6 +288,10 @@ class Subscriber:
         self._closed = False
         self._gaps = GapCounter(what, hwm)
         self._sock = open_sub_socket(ctx, address, hwm)
+        self._recv = self._sock.recv
+        self._items = [(self._sock, _POLLIN)]
+        self._names: dict[bytes, str] = {}  # topic -> name, of the topics it asked for
+        self._ignored: set[bytes] = set()  # topics it did not ask for (ZeroMQ's prefix match)
         self._async_sock: zmq.asyncio.Socket | None = None
         try:
             for topic in topics.all():
@@ -280,46 +315,78 @@ class Subscriber:
         """The next :class:`Message`. Waits up to ``timeout`` seconds (None: until one comes)
         and then raises :class:`~zkv.ZkvTimeoutError`; raises :class:`~zkv.OwnerGoneError` if
         the owner dies while waiting and :class:`~zkv.StoreClosedError` once closed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._receive(timeout, True)  # type: ignore[no-any-return]
+
+    def receive(self, timeout: float | None = None) -> Any:
+        """The next message's data (see :meth:`receive_message`)."""
+        return self._receive(timeout, False)
+
+    def _receive(self, timeout: float | None, whole: bool) -> Any:
+        """The next message (``whole``) or its data. What is queued is taken without waiting;
+        else a ``poll`` waits, at most a slice at a time (so that a dead owner is noticed),
+        and counts its timeout down across signals (a blocking ``recv`` would restart its own
+        after each one, and never end under a profiler's or an alarm's signals)."""
+        deadline = None if timeout is None else _monotonic() + timeout
         while True:
             with self._lock:
                 if self._closed:
                     raise StoreClosedError("this subscriber is closed")
-                try:  # what is queued already is taken without waiting (the fast path)
-                    frames = recv_message(self._sock, _NOBLOCK)
+                try:
+                    head = self._recv(_NOBLOCK)
                 except zmq.Again:
-                    frames = None
-                if frames is not None:
-                    message = self._take(frames)
-                    if message is not None:
-                        return message
+                    head = None
+                if head is not None:
+                    got = self._take(head, whole)
+                    if got is not _SKIP:
+                        return got
                     continue
-                wait = _SLICE if deadline is None else min(_SLICE, deadline - time.monotonic())
-                if wait > 0 and self._sock.poll(max(1, int(wait * 1000))):
+                left = _SLICE if deadline is None else min(_SLICE, deadline - _monotonic())
+                if left > 0 and _poll(self._items, max(1, int(left * 1000))):
                     continue
             if not self._alive():
                 raise OwnerGoneError("the zkv owner is gone")
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and _monotonic() >= deadline:
                 raise ZkvTimeoutError(f"no message within {timeout}s")
 
-    def receive(self, timeout: float | None = None) -> Any:
-        """The next message's data (see :meth:`receive_message`)."""
-        return self.receive_message(timeout).data
-
-    def _take(self, frames: list[bytes]) -> Message | None:
-        """The message in ``frames`` (as received), or None if it is not for this subscriber
-        (a prefix match of ZeroMQ's that is not an exact one) or older than its welcome."""
-        head = frames[0]
-        cut = len(head) - _META_SIZE
-        if cut < 1:
-            return None
-        topic = head[:cut]
-        if not self._topics.matches(topic):
-            return None
-        seq, version, kind = _META_FROM(head, cut)
+    def _take(self, head: bytes, whole: bool) -> Any:
+        """The message (``whole``) or the data whose first frame is ``head`` (its other
+        frames are read here), or _SKIP if it is not for this subscriber (a prefix match of
+        ZeroMQ's that is not one of its own, a late welcome) or older than its welcome."""
+        try:
+            topic, seq, version, kind, at = _parse_head(head)
+        except ProtocolError:
+            while self._sock.get(zmq.RCVMORE):  # skip the rest of it
+                self._sock.recv()
+            return _SKIP
+        flags = kind & _FLAGS
+        frames = [head[at:]] if flags == _MERGED else \
+            read_frames(self._sock, head, kind, at) if flags else ()
+        name = self._names.get(topic)
+        if name is None:
+            name = self._learn(topic)
+            if name is None:
+                return _SKIP
         if not self._gaps.accept(topic, seq):
+            return _SKIP
+        kind &= ~_FLAGS
+        if kind == _MESSAGE:
+            data = codec.loads(frames)
+        else:
+            data = decode_data(name, version, kind, frames)
+        return _message(name, data, seq) if whole else data
+
+    def _learn(self, topic: bytes) -> str | None:
+        """The name of ``topic``, or None if this subscriber did not ask for it."""
+        if topic in self._ignored:
             return None
-        return _message(topic, seq, version, kind, frames[1:])
+        if len(self._names) + len(self._ignored) >= _NAMES_KEPT:
+            self._names.clear()
+            self._ignored.clear()
+        if not self._topics.matches(topic):
+            self._ignored.add(topic)
+            return None
+        name = self._names[topic] = wire.topic_name(topic)
+        return name
 
     def __iter__(self) -> Iterator[Any]:
         while True:
@@ -347,12 +414,12 @@ class Subscriber:
                     if self._closed:
                         raise StoreClosedError("this subscriber is closed")
                     try:
-                        frames = recv_message(self._sock, _NOBLOCK)
+                        head = self._recv(_NOBLOCK)
                     except zmq.Again:
                         continue
-                message = self._take(frames)
-                if message is not None:
-                    return message
+                    message = self._take(head, True)
+                if message is not _SKIP:
+                    return message  # type: ignore[no-any-return]
             elif not self._alive():
                 raise OwnerGoneError("the zkv owner is gone")
 

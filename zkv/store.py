@@ -575,18 +575,20 @@ class Store(MutableMapping[str, Any]):
     def close(self) -> None:
         """Close the store (idempotent). In the owner this stops serving and removes the
         sockets: the data is gone and other processes get OwnerGoneError. In a client it
-        releases this process's locks and closes its sockets."""
-        with self._mutex:
-            if self._closed:
+        releases this process's locks and closes its sockets. Returns promptly from any
+        thread, callbacks included; a second, concurrent call returns at once."""
+        with self._mutex:  # held only to take things over: closing may wait for a callback
+            if self._closed:  # that closes this store too
                 return
             reentry.refuse("close()")
             self._closed = True
-            for sub in list(self._subscribers):
-                sub.close()
-            if self._dispatcher is not None:
-                self._dispatcher.close()
-                self._dispatcher = None
+            subscribers = list(self._subscribers)
+            dispatcher, self._dispatcher = self._dispatcher, None
             core, self._core = self._core, _Closed()
+        for sub in subscribers:
+            sub.close()
+        if dispatcher is not None:
+            dispatcher.close()
         core.close()
         if self._is_owner and self._env_before is not _NOT_SET:
             if os.environ.get(_endpoint.ENV_VAR) == self._endpoint:

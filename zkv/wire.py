@@ -25,14 +25,22 @@ bytes joined.
 
 Published message (owner XPUB -> SUB)::
 
-    [topic + meta: seq u64, version u64, kind u8] [value frames ...]
+    [topic + meta: seq u64, version u64, kind u8 (+ the value's first frame)] [value frames ...]
 
-(the meta rides at the end of the topic frame: ZeroMQ matches subscriptions against the start
-of the first frame only, and a frame less per message is a fifth of the cost of a small one).
+(the meta rides in the topic frame, after the topic: ZeroMQ matches subscriptions against the
+start of the first frame only, and a frame less per message is a fifth of the cost of a small
+one). The kind byte's ``KIND_MERGED`` flag says the value's first frame rides there too, after
+the meta (the usual message: one frame in all); its ``KIND_MORE`` flag says frames follow, so
+that a subscriber never asks ZeroMQ whether there are more. A topic ends at its NUL (names hold
+none: see below); a welcome's topic (a probe) may hold any byte, so its meta ends its frame and
+its payload follows.
 
 Topics: ``c<channel>\\0`` for channel messages (``c<prefix>`` for a prefix subscription),
 ``k<key>\\0`` for change events of a key, ``w<token>`` for the welcome that makes a
-subscription live. ``seq`` counts messages per topic, so a subscriber sees its losses as gaps.
+subscription live. Names are escaped (:func:`topic`: ``\\x01`` becomes ``\\x01\\x02`` and
+NUL ``\\x01\\x01``) so that no name holds NUL: the NUL of an exact topic is its end, and a
+prefix topic matches exactly the names that start with the prefix. ``seq`` counts messages
+per topic, so a subscriber sees its losses as gaps.
 
 Cache invalidation (owner ROUTER -> a client's cache DEALER, on the same pipe as that socket's
 replies, so a reply proves which invalidations came before it)::
@@ -60,10 +68,16 @@ from .codec import SMALL, Frame
 from .errors import ProtocolError, RemoteError
 
 __all__ = [
+    "CHANNEL_TOPIC",
     "HELLO_MAGIC",
+    "KEY_TOPIC",
+    "KIND_FLAGS",
+    "KIND_MERGED",
+    "KIND_MORE",
     "MERGED",
     "MORE",
     "PLAIN_VALUES",
+    "PROBE_TOPIC",
     "PROTOCOL_VERSION",
     "REFS",
     "REPLY_HEADER",
@@ -95,6 +109,7 @@ __all__ = [
     "pack_spill",
     "pack_welcome",
     "parse_greeting",
+    "parse_head",
     "parse_reply",
     "parse_request",
     "parse_welcome",
@@ -105,6 +120,8 @@ __all__ = [
     "request",
     "split_keys",
     "split_published",
+    "topic",
+    "topic_name",
     "unpack_frames",
     "unpack_key_value",
     "unpack_meta",
@@ -441,17 +458,46 @@ def key_str(frame: Frame) -> str:
 
 # -- publish/subscribe --------------------------------------------------------------------------
 
+#: The namespaces of topics: channel messages, key change events, welcomes (probes).
+CHANNEL_TOPIC = b"c"
+KEY_TOPIC = b"k"
+PROBE_TOPIC = b"w"
+
+
+def topic(namespace: bytes, name: bytes, exact: bool = True) -> bytes:
+    """The topic of a channel or key (``namespace`` ``b"c"`` or ``b"k"``, ``name`` its
+    :func:`key_bytes`), or with ``exact=False`` the topic of a prefix subscription.
+
+    ZeroMQ matches topics by prefix. The name is escaped so that it holds no NUL (``\\x01``
+    becomes ``\\x01\\x02``, then NUL ``\\x01\\x01``: a prefix code, so one escaped name
+    starts with another exactly when the names do), and an exact topic ends with NUL. So an
+    exact topic matches only its own name, and a prefix topic exactly the names that start
+    with the prefix, whatever bytes they hold. The one encoder of topics, for the owner and
+    the subscribers; :func:`topic_name` decodes."""
+    escaped = name.replace(b"\x01", b"\x01\x02").replace(b"\x00", b"\x01\x01")
+    return namespace + escaped + b"\0" if exact else namespace + escaped
+
+
+def topic_name(exact_topic: bytes) -> str:
+    """The channel or key name of an exact topic (inverse of :func:`topic`). Raises
+    ProtocolError if it is not UTF-8."""
+    escaped = exact_topic[1:-1]
+    if b"\x01" in escaped:
+        escaped = escaped.replace(b"\x01\x01", b"\x00").replace(b"\x01\x02", b"\x01")
+    return key_str(escaped)
+
+
 _TOPIC_LEN = struct.Struct("<H")
 
 
 def channel_topic(channel: str) -> bytes:
     """The topic of an exact channel: what its messages are published under."""
-    return b"c" + key_bytes(channel) + b"\0"
+    return topic(CHANNEL_TOPIC, key_bytes(channel))
 
 
 def key_topic(key: str) -> bytes:
     """The topic of an exact key: what its change events are published under."""
-    return b"k" + key_bytes(key) + b"\0"
+    return topic(KEY_TOPIC, key_bytes(key))
 
 
 def make_probe(topics: Sequence[bytes]) -> bytes:
@@ -506,17 +552,58 @@ def unpack_meta(frame: Frame) -> tuple[int, int, int]:
 
 def published(topic: bytes, seq: int, version: int, kind: int,
               frames: Sequence[Frame]) -> list[Frame]:
-    """The frames of a published message (see the module docstring)."""
-    return [topic + _META.pack(seq, version, kind), *frames]
+    """The frames of a published message (see the module docstring): ``topic`` (exact, or a
+    probe for a welcome), the meta, and the value's ``frames``, the first of them in the head
+    frame when it is small (never for a welcome)."""
+    if not frames:
+        return [topic + _META.pack(seq, version, kind)]
+    first = frames[0]
+    if type(first) is bytes and len(first) < SMALL and topic[0] != _PROBE:
+        if len(frames) == 1:
+            return [topic + _META.pack(seq, version, kind | KIND_MERGED) + first]
+        return [topic + _META.pack(seq, version, kind | KIND_MERGED | KIND_MORE) + first,
+                *frames[1:]]
+    return [topic + _META.pack(seq, version, kind | KIND_MORE), *frames]
 
 
-def split_published(frames: list[Any]) -> list[Any]:
-    """``[topic, meta, *value_frames]`` from a received published message."""
+_PROBE = PROBE_TOPIC[0]
+_META_SIZE = _META.size
+_META_FROM = _META.unpack_from
+#: Flags of a published message's kind byte (see :func:`published`): the value's first frame
+#: rides in the head frame; value frames follow the head frame.
+KIND_MERGED = 0x80
+KIND_MORE = 0x40
+KIND_FLAGS = KIND_MERGED | KIND_MORE
+
+
+def parse_head(head: bytes) -> tuple[bytes, int, int, int, int]:
+    """``(topic, seq, version, kind, at)`` of a published message's first frame. ``kind``
+    keeps its flags: with ``KIND_MERGED`` the value's first frame is ``head[at:]``; with
+    ``KIND_MORE`` value frames follow this one. Raises ProtocolError."""
+    try:
+        if head[0] == _PROBE:  # a welcome: the meta ends the frame
+            end = len(head) - _META_SIZE
+            if end < 1:
+                raise ValueError
+        else:
+            end = head.index(0) + 1
+        seq, version, kind = _META_FROM(head, end)
+    except (IndexError, ValueError, struct.error):
+        raise ProtocolError(f"malformed published message of {len(head)} bytes") from None
+    return head[:end], seq, version, kind, end + _META_SIZE
+
+
+def split_published(frames: Sequence[Any]) -> tuple[bytes, int, int, int, list[Any]]:
+    """``(topic, seq, version, kind, value_frames)`` of a whole received published message
+    (``kind`` without its flags). Raises ProtocolError."""
     head = frames[0]
-    if len(head) < _META.size:
-        raise ProtocolError(f"published message of {len(head)} bytes has no meta")
-    return [head[:-_META.size], head[-_META.size:], *frames[1:]]
-
+    topic, seq, version, kind, at = parse_head(head)
+    values: list[Any] = [head[at:]] if kind & KIND_MERGED else []
+    if kind & KIND_MORE:
+        values.extend(frames[1:])
+    elif len(frames) > 1:
+        raise ProtocolError("published message with frames its kind does not announce")
+    return topic, seq, version, kind & ~KIND_FLAGS, values
 
 
 # -- JSON and errors -----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import os
 import signal
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 __all__ = ["ABORT", "Agent", "AgentError", "Agents", "NotAvailable", "detach"]
@@ -116,7 +116,7 @@ def _agent_main(index: int, conn: multiprocessing.connection.Connection,
                 return
             if request is None:
                 return
-            if request == ABORT:  # for a call that already ended
+            if not isinstance(request, tuple):  # ABORT or a message for a call that ended
                 continue
             fn, kwargs = request
             try:
@@ -173,9 +173,10 @@ class Agents:
         for i, kw in enumerate(kwargs):
             self._conns[i].send((fn, kw))
 
-    def tell(self, message: Any) -> None:
-        """Send ``message`` to every busy agent (read there with :meth:`Agent.message`)."""
-        for i in self._busy:
+    def tell(self, message: Any, among: Sequence[int] | None = None) -> None:
+        """Send ``message`` to every busy agent, or those of ``among`` (read there with
+        :meth:`Agent.message`)."""
+        for i in self._busy if among is None else among:
             if i not in self._pending:
                 self._conns[i].send(message)
 
@@ -203,10 +204,11 @@ class Agents:
                     del self._pending[i]
                 break
 
-    def done(self, timeout: float = 0.0) -> bool:
-        """Whether every busy agent has finished its call (waits up to ``timeout``)."""
+    def done(self, timeout: float = 0.0, among: Sequence[int] | None = None) -> bool:
+        """Whether every busy agent (or those of ``among``) has finished its call (waits up
+        to ``timeout``)."""
         deadline = time.monotonic() + timeout
-        for i in self._busy:
+        for i in self._busy if among is None else among:
             while i not in self._pending:
                 if not self._take(i, max(0.0, deadline - time.monotonic())):
                     return False

@@ -18,6 +18,7 @@ Clients are made in the process that uses them (agents make theirs on first use)
 from __future__ import annotations
 
 import multiprocessing.connection
+import pickle
 import queue
 import struct
 import threading
@@ -45,6 +46,7 @@ __all__ = [
 ]
 
 _F64 = struct.Struct("<d")
+_PICKLE = 5  # the protocol zkv uses
 
 
 # -- servers (each runs in its own process) --------------------------------------------------------
@@ -230,23 +232,27 @@ class LockedDict:
 
 # -- publish / subscribe ---------------------------------------------------------------------------
 #
-# Every message carries one float (a counter, or a send time); a negative one is the marker
-# that ends a repetition. Subscribers return ``(value, seq)`` or None on timeout; ``seq`` is
-# only known to zkv.
+# Every message carries the same value for every subject (see workloads.pub_value: a tuple
+# with a counter or a send time, or a bare float in the "raw float" row); a negative counter
+# is the marker that ends a repetition. Subscribers return ``(value, seq)`` or None on
+# timeout; ``seq`` is only known to zkv.
 
 class ZmqPublisher:
     """An XPUB bound at ``address`` (it reports each subscription, so the publisher can wait
-    for its subscribers instead of sleeping away ZeroMQ's slow-joiner window)."""
+    for its subscribers instead of sleeping away ZeroMQ's slow-joiner window). Sends
+    ``[channel, pickle of the value]``, as a pyzmq user would; with ``raw``, a float as 8
+    bytes, not pickled."""
 
     reliable = False
 
-    def __init__(self, address: str, hwm: int) -> None:
+    def __init__(self, address: str, hwm: int, raw: bool = False) -> None:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, hwm)
         self._sock.setsockopt(zmq.XPUB_VERBOSE, 1)
         self._sock.bind(address)
+        self._raw = raw
 
     def wait_subscribers(self, channel: str, count: int, timeout: float = 10.0) -> None:
         wanted = b"\x01" + channel.encode()
@@ -259,8 +265,9 @@ class ZmqPublisher:
             if self._sock.recv() == wanted:
                 seen += 1
 
-    def publish(self, channel: str, value: float) -> None:
-        self._sock.send_multipart([channel.encode(), _F64.pack(value)])
+    def publish(self, channel: str, value: Any) -> None:
+        data = _F64.pack(value) if self._raw else pickle.dumps(value, _PICKLE)
+        self._sock.send_multipart([channel.encode(), data])
 
     def close(self) -> None:
         self._sock.close(0)
@@ -268,22 +275,33 @@ class ZmqPublisher:
 
 
 class ZmqSubscriber:
-    """A SUB socket of one channel, made for one repetition."""
+    """A SUB socket of one channel, made for one repetition: one ``recv_multipart`` with a
+    timeout (the socket's RCVTIMEO, set when it changes) and one unpickling per message."""
 
     dropped = 0
 
-    def __init__(self, ctx: zmq.Context[Any], address: str, channel: str, hwm: int) -> None:
+    def __init__(self, ctx: zmq.Context[Any], address: str, channel: str, hwm: int,
+                 raw: bool = False) -> None:
         self._sock = ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RCVHWM, hwm)
         self._sock.connect(address)
         self._sock.setsockopt(zmq.SUBSCRIBE, channel.encode())
+        self._timeout = -1
+        self._raw = raw
 
-    def receive(self, timeout: float) -> tuple[float, int | None] | None:
-        if not self._sock.poll(int(timeout * 1000)):
+    def receive(self, timeout: float) -> tuple[Any, int | None] | None:
+        ms = int(timeout * 1000)
+        if ms != self._timeout:
+            self._sock.setsockopt(zmq.RCVTIMEO, ms)
+            self._timeout = ms
+        try:
+            frames = self._sock.recv_multipart()
+        except zmq.Again:
             return None
-        frames = self._sock.recv_multipart()
-        return _F64.unpack(frames[1])[0], None
+        if self._raw:
+            return _F64.unpack(frames[1])[0], None
+        return pickle.loads(frames[1]), None
 
     def close(self) -> None:
         self._sock.close(0)
@@ -309,8 +327,8 @@ class RedisPublisher:
                 raise TimeoutError(f"only {found} of {count} subscribers arrived")
             time.sleep(0.005)
 
-    def publish(self, channel: str, value: float) -> None:
-        self._r.publish(channel, _F64.pack(value))
+    def publish(self, channel: str, value: Any) -> None:
+        self._r.publish(channel, pickle.dumps(value, _PICKLE))
 
     def close(self) -> None:
         self._r.close()
@@ -332,11 +350,11 @@ class RedisSubscriber:
             if time.monotonic() >= deadline:
                 raise TimeoutError("redis did not confirm the subscription")
 
-    def receive(self, timeout: float) -> tuple[float, int | None] | None:
+    def receive(self, timeout: float) -> tuple[Any, int | None] | None:
         msg = self._p.get_message(timeout=timeout)
         if msg is None or msg["type"] != "message":
             return None
-        return _F64.unpack(msg["data"])[0], None
+        return pickle.loads(msg["data"]), None
 
     def close(self) -> None:
         self._p.close()
@@ -356,7 +374,7 @@ class QueuePublisher:
         self._token = channel
         self._targets = self._queues[:count]
 
-    def publish(self, channel: str, value: float) -> None:
+    def publish(self, channel: str, value: Any) -> None:
         item = (channel, value)
         for q in self._targets:
             q.put(item)
@@ -374,7 +392,7 @@ class QueueSubscriber:
         self._q = q
         self._channel = channel
 
-    def receive(self, timeout: float) -> tuple[float, int | None] | None:
+    def receive(self, timeout: float) -> tuple[Any, int | None] | None:
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -68,6 +68,9 @@ def _notes(case: CaseResult) -> str:
         parts.append(f"sent {sent:,.0f}, received {case.extra_total('received') or 0:,.0f}, "
                      f"dropped {case.extra_total('dropped') or 0:,.0f}, "
                      f"lost silently {case.extra_total('silent') or 0:,.0f}")
+    cpu, received = case.extra_total("cpu"), case.extra_total("received")
+    if cpu and received:
+        parts.append(f"subscriber CPU {format_seconds(cpu / received)}/msg")
     ops, seconds = case.extra_total("ops"), case.extra_total("seconds")
     if ops and seconds:
         p99 = max(rep.extra.get("p99", math.nan) for rep in case.reps)

@@ -8,6 +8,7 @@ starts the things that run threads in the main process (the zkv owner, the publi
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.managers
@@ -32,6 +33,7 @@ MANAGER = "Manager dict"
 REDIS = "Redis"
 LOCKED = "dict + Lock"
 ZPUB = "bare zmq PUB/SUB"
+ZPUB_RAW = "bare zmq PUB/SUB, raw"
 RPUB = "Redis pub/sub"
 QUEUE = "mp.Queue"
 
@@ -46,12 +48,51 @@ SUBJECTS = {
     REDIS: "redis-py over a unix socket to a private redis-server (no persistence); batches "
            "use MGET/MSET and a non-transactional pipeline",
     LOCKED: "a dict behind a threading.Lock in the same process",
-    ZPUB: "pyzmq XPUB -> SUB over ipc, same high-water mark as zkv",
+    ZPUB: "pyzmq XPUB -> SUB over ipc, same high-water mark as zkv: [channel, pickle] sent, "
+          "one recv_multipart (RCVTIMEO) and one unpickling per message",
+    ZPUB_RAW: "the same, carrying the float as 8 raw bytes (no pickling; a floor, not what "
+              "zkv does)",
     RPUB: "redis-py: one PUBLISH call per message; a PubSub per subscriber",
     QUEUE: "multiprocessing.Queue, one per subscriber (put into each)",
 }
 
 HWM = 100_000
+
+#: How a pub/sub row's zkv subscriber receives (:func:`workloads.subscriber_loop`).
+PUB_MODES = {"message": "receive_message()", "receive": "receive()",
+             "iter": "for data in sub", "callback": "a callback"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _PubRow:
+    """What a pub/sub row measures: ``k`` subscribers, each receiving the way ``mode``
+    says; the publisher in the main process (the zkv owner) or in a ``worker`` child; a
+    tuple (``kind="tuple"``) or a bare float; throughput, or ``latency``."""
+
+    k: int
+    mode: str = "message"
+    worker: bool = False
+    latency: bool = False
+    kind: str = "tuple"
+
+    @property
+    def id(self) -> str:
+        if self.latency:
+            return f"pub_latency_{self.k}"
+        if self.kind == "float":
+            return f"pub_float_{self.k}"
+        if self.worker:
+            return "pub_worker_" + ("" if self.mode == "message" else f"{self.mode}_") \
+                + str(self.k)
+        return f"pub_{'rate' if self.mode == 'message' else self.mode}_{self.k}"
+
+    @property
+    def title(self) -> str:
+        who = "1 child" if self.k == 1 else f"{self.k} children"
+        what = "latency" if self.latency else "throughput"
+        where = "worker" if self.worker else "owner"
+        detail = "a float" if self.kind == "float" else PUB_MODES[self.mode]
+        return f"pub/sub {what}, {where} -> {who}, {detail}"
 N_AGENTS = 16
 SMALL = ("str", 16)
 SMALL_BYTES = ("bytes", 16)
@@ -80,11 +121,19 @@ class _ZkvPublisher:
     def wait_subscribers(self, channel: str, count: int, timeout: float = 10.0) -> None:
         pass
 
-    def publish(self, channel: str, value: float) -> None:
+    def publish(self, channel: str, value: Any) -> None:
         self._store.publish(channel, value)
 
     def close(self) -> None:
         pass
+
+
+def _pub_or_sub(agent: Any, publisher: dict[str, Any] | None = None,
+                **subscriber: Any) -> dict[str, Any]:
+    """An agent's part of a pub/sub repetition with the publisher in a child."""
+    if publisher is not None:
+        return workloads.publisher_loop(agent, **publisher)
+    return workloads.subscriber_loop(agent, **subscriber)
 
 
 def _busy_until(moment: float) -> int:
@@ -208,6 +257,8 @@ class Lab:
         self.endpoint = self.owner.endpoint
         self.zpub = baselines.ZmqPublisher(f"ipc://{self.tmp}/pub", HWM)
         self._later(self.zpub.close)
+        self.zpub_raw = baselines.ZmqPublisher(f"ipc://{self.tmp}/pub-raw", HWM, raw=True)
+        self._later(self.zpub_raw.close)
         self.rpub: Any = None
         if not self.redis_skip:
             self.rpub = baselines.RedisPublisher(self.redis_path)
@@ -279,8 +330,11 @@ class Lab:
             out += [self._large("set", mb), self._large("get", mb)]
         out += [self._batch("get_many"), self._batch("set_many"), self._batch("pipeline")]
         out += [self._cached(), self._staleness()]
-        out += [self._pubsub(k, latency=False) for k in (1, 4)]
-        out += [self._pubsub(k, latency=True) for k in (1, 4)]
+        out += [self._pubsub(_PubRow(k)) for k in (1, 4)]
+        out += [self._pubsub(_PubRow(1, mode)) for mode in PUB_MODES if mode != "message"]
+        out += [self._pubsub(_PubRow(1, mode, worker=True)) for mode in PUB_MODES]
+        out.append(self._pubsub(_PubRow(1, kind="float")))
+        out += [self._pubsub(_PubRow(k, latency=True)) for k in (1, 4)]
         out += [self._clients(n) for n in (1, 4, 16)]
         out.append(self._busy_owner())
         return out
@@ -452,72 +506,99 @@ class Lab:
                    note="owner sets a key every ~2 ms; a child reading it through its cache "
                         "notes when each new value shows: the time after the set returned")
 
-    def _pubsub(self, k: int, latency: bool) -> Row:
+    def _pubsub(self, p: _PubRow) -> Row:
         s = self.settings
 
         def case(spec: tuple[Any, ...], publisher: Any) -> Callable[[bool], Rep]:
             def run(warmup: bool) -> Rep:
-                return self._pub_once(spec, publisher, k, latency, warmup)
+                return self._pub_once(p, spec, publisher, warmup)
             return run
-        cases = [Case(ZKV, case(("zkv", self.endpoint), _ZkvPublisher(self.owner))),
-                 Case(ZPUB, case(("zmq", f"ipc://{self.tmp}/pub"), self.zpub)),
-                 self._redis_case(lambda: case(("redis", self.redis_path), self.rpub),
-                                  subject=RPUB),
-                 Case(QUEUE, case(("queue",), self.qpub))]
-        who = "1 child" if k == 1 else f"{k} children"
-        if latency:
-            return Row(id=f"pub_latency_{k}", title=f"pub/sub latency, owner -> {who}",
-                       metric="latency", unit="", cases=cases,
-                       note=f"{s.pub_latency_msgs} messages ~1 ms apart; publish to receive")
-        targets = []
-        if k == 1:
-            targets = [Target("0 silent losses", no_silent_loss=True),
-                       Target(">=0.8x its rate", against=ZPUB, min_ratio=0.8),
-                       Target(">=5x faster", against=RPUB, min_ratio=5.0)]
-        return Row(id=f"pub_rate_{k}", title=f"pub/sub throughput, owner -> {who}",
-                   metric="rate", unit="msgs/s", cases=cases, targets=targets,
-                   note=f"{s.pub_msgs} messages (or {s.pub_s} s of them) published as fast "
-                        "as possible; the rate at which each subscriber received them (the "
-                        "slowest); dropped = reported by the subscriber, lost = silently")
+        if p.worker:  # the publishing agent makes its own publisher
+            cases = [Case(ZKV, case(("zkv", self.endpoint), None)),
+                     Case(ZPUB, case(("zmq", f"ipc://{self.tmp}/worker-pub"), None))]
+        elif p.kind == "float":
+            cases = [Case(ZKV, case(("zkv", self.endpoint), _ZkvPublisher(self.owner))),
+                     Case(ZPUB_RAW, case(("zmq", f"ipc://{self.tmp}/pub-raw", "raw"),
+                                         self.zpub_raw))]
+        else:
+            cases = [Case(ZKV, case(("zkv", self.endpoint), _ZkvPublisher(self.owner))),
+                     Case(ZPUB, case(("zmq", f"ipc://{self.tmp}/pub"), self.zpub))]
+            if p.mode == "message":
+                cases += [self._redis_case(lambda: case(("redis", self.redis_path), self.rpub),
+                                           subject=RPUB),
+                          Case(QUEUE, case(("queue",), self.qpub))]
+        payload = "a float (the bare baseline sends it as 8 raw bytes)" if p.kind == "float" \
+            else f"(int, int, float, {len(workloads.PUB_TEXT)}-character str), pickled by " \
+                 "every subject"
+        publisher = "a child process publishes (through the owner for zkv)" if p.worker \
+            else "the main process (the zkv owner) publishes"
+        if p.latency:
+            return Row(id=p.id, title=p.title, metric="latency", unit="", cases=cases,
+                       note=f"{s.pub_latency_msgs} messages ~1 ms apart of {payload}; publish "
+                            "to receive")
+        targets = [Target("0 silent losses", no_silent_loss=True)]
+        if p.k == 1 and p.kind != "float":
+            targets.append(Target(">=0.9x its rate", against=ZPUB, min_ratio=0.9))
+        if p.id == "pub_rate_1":
+            targets.append(Target(">=5x faster", against=RPUB, min_ratio=5.0))
+        return Row(id=p.id, title=p.title, metric="rate", unit="msgs/s", cases=cases,
+                   targets=targets,
+                   note=f"{s.pub_msgs} messages (or {s.pub_s} s of them) of {payload}, "
+                        f"published as fast as possible; {publisher}; the rate at which each "
+                        "subscriber received them (the slowest), one receive call per "
+                        "message; dropped = reported by the subscriber, lost = silently")
 
-    def _pub_once(self, spec: tuple[Any, ...], publisher: Any, k: int, latency: bool,
+    def _pub_once(self, p: _PubRow, spec: tuple[Any, ...], publisher: Any,
                   warmup: bool) -> Rep:
         s = self.settings
         self._channel += 1
         channel = f"bench.{self._channel}"
-        messages = 3 if warmup else s.pub_latency_msgs if latency else s.pub_msgs
+        messages = 3 if warmup else s.pub_latency_msgs if p.latency else s.pub_msgs
         duration = 0.01 if warmup else s.pub_s
-        with self.agents.session(workloads.subscriber_loop, [{
-                "spec": spec, "channel": channel, "hwm": HWM, "latency": latency,
-                "max_wait": duration + messages * 0.01 + 20.0}] * k) as agents:
+        max_wait = duration + messages * 0.01 + 20.0
+        calls = [{"spec": spec, "channel": channel, "hwm": HWM, "latency": p.latency,
+                  "max_wait": max_wait, "mode": p.mode if spec[0] == "zkv" else "message"}
+                 ] * p.k
+        if p.worker:
+            return self._pub_from_worker(p, spec, channel, calls, messages, duration)
+        with self.agents.session(workloads.subscriber_loop, calls) as agents:
             agents.wait_ready()
-            publisher.wait_subscribers(channel, k)
-            publish = publisher.publish
-            clock = time.monotonic
-            sent = 0
-            t0 = clock()
-            if latency:
-                for _ in range(messages):
-                    publish(channel, clock())
-                    sent += 1
-                    time.sleep(0.001)
-            else:
-                end = t0 + duration
-                while sent < messages:
-                    publish(channel, float(sent))
-                    sent += 1
-                    if sent % 64 == 0 and clock() >= end:
-                        break
+            publisher.wait_subscribers(channel, p.k)
+            sent, t0 = workloads.publish_loop(publisher.publish, channel, messages, duration,
+                                              p.latency, p.kind)
+            marker = workloads.pub_value(-1, 0.0, p.kind)
             if publisher.reliable:
-                publish(channel, -1.0)
+                publisher.publish(channel, marker)
             else:
-                deadline = clock() + 20.0
+                deadline = time.monotonic() + 20.0
                 while True:
-                    publish(channel, -1.0)
-                    if agents.done(0.01) or clock() > deadline:
+                    publisher.publish(channel, marker)
+                    if agents.done(0.01) or time.monotonic() > deadline:
                         break
             results = agents.results()
+        return self._pub_rep(p, results, sent, t0)
+
+    def _pub_from_worker(self, p: _PubRow, spec: tuple[Any, ...], channel: str,
+                         calls: list[dict[str, Any]], messages: int, duration: float) -> Rep:
+        """Subscribers in agents 0 .. k-1, the publisher in agent k."""
+        publish = {"spec": spec, "channel": channel, "subscribers": p.k, "hwm": HWM,
+                   "messages": messages, "duration": duration, "latency": p.latency,
+                   "kind": p.kind}
+        with self.agents.session(_pub_or_sub, [*calls, {"publisher": publish}]) as agents:
+            agents.wait_ready()
+            agents.tell(workloads.GO, among=[p.k])
+            deadline = time.monotonic() + calls[0]["max_wait"] + 10.0
+            while not agents.done(0.05, among=range(p.k)):
+                if time.monotonic() > deadline:
+                    raise AgentError("the subscribers did not finish")
+            agents.tell(workloads.STOP, among=[p.k])
+            *results, published = agents.results()
+        return self._pub_rep(p, results, published["sent"], published["t0"])
+
+    @staticmethod
+    def _pub_rep(p: _PubRow, results: list[dict[str, Any]], sent: int, t0: float) -> Rep:
         received = dropped = silent = 0
+        cpu = 0.0
         rates = []
         delays: list[float] = []
         for r in results:
@@ -526,12 +607,14 @@ class Lab:
             dropped += r["dropped"]
             silent += max(0, before - r["received"] - r["dropped"])
             delays.extend(r["delays"])
+            cpu += r["cpu"]
             span = r["last"] - t0
             rates.append(r["received"] / span if r["received"] and span > 0 else 0.0)
-        extra = {"sent": float(sent * k), "received": float(received),
+        extra = {"sent": float(sent * p.k), "received": float(received),
                  "dropped": float(dropped), "silent": float(silent)}
-        if latency:
+        if p.latency:  # (its CPU time is mostly waking up for each paced message)
             return Rep(delays, extra)
+        extra["cpu"] = cpu
         return Rep([min(rates)], extra)
 
     def _clients(self, n: int) -> Row:

@@ -13,9 +13,10 @@ A *subject spec* says which store an agent talks to and is the key of its cached
 
 from __future__ import annotations
 
+import threading
 import time
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zmq
@@ -26,6 +27,9 @@ from . import baselines
 from .agents import Agent, NotAvailable
 
 __all__ = [
+    "GO",
+    "PUB_TEXT",
+    "STOP",
     "ZkvKV",
     "ZkvSubscriber",
     "batch_loop",
@@ -34,12 +38,37 @@ __all__ = [
     "make_value",
     "open_kv",
     "prepare",
+    "pub_value",
+    "publish_loop",
+    "publisher_loop",
     "staleness_reader",
     "subscriber_loop",
     "throughput_loop",
 ]
 
 Spec = tuple[Any, ...]
+
+_ENDED = object()
+
+#: The text in every pub/sub message: the issue's harness sent ``(int, int, float, str of 100
+#: characters)``.
+PUB_TEXT = "x" * 100
+
+
+def pub_value(n: int, when: float, kind: str) -> Any:
+    """The value of message ``n`` (negative: the marker that ends a repetition) sent at
+    ``when`` (latency rows; else 0.0): ``(n, 67890, when, PUB_TEXT)``, or with ``kind``
+    ``"float"`` a bare float (``when`` in latency rows, else ``n``)."""
+    if kind == "float":
+        return when if when and n >= 0 else float(n)
+    return (n, 67890, when, PUB_TEXT)
+
+
+def _pub_fields(value: Any) -> tuple[float, float]:
+    """``(counter, send time)`` of a value made by :func:`pub_value`."""
+    if type(value) is tuple:
+        return value[0], value[2]
+    return value, value
 
 
 def make_value(kind: str, size: int) -> Any:
@@ -88,23 +117,44 @@ class ZkvKV:
 
 
 class ZkvSubscriber:
-    """A zkv :class:`~zkv.Subscriber` of one channel (live when made)."""
+    """A zkv :class:`~zkv.Subscriber` of one channel (live when made), read one message per
+    call the way ``mode`` says: ``"message"`` (``receive_message``), ``"receive"``
+    (``receive``) or ``"iter"`` (``for data in sub``; the subscriber is closed after
+    ``max_wait`` seconds so that a lost marker cannot hang the loop)."""
 
-    def __init__(self, store: Store, channel: str) -> None:
+    def __init__(self, store: Store, channel: str, mode: str = "message",
+                 max_wait: float = 60.0) -> None:
         self._sub = store.subscribe(channel)
+        self._mode = mode
+        self._iter: Iterator[Any] | None = None
+        self._watchdog: threading.Timer | None = None
+        if mode == "iter":
+            self._iter = iter(self._sub)
+            self._watchdog = threading.Timer(max_wait, self._sub.close)
+            self._watchdog.daemon = True
+            self._watchdog.start()
+        elif mode not in ("message", "receive"):
+            raise ValueError(f"unknown receive mode {mode!r}")
 
     @property
     def dropped(self) -> int:
         return self._sub.dropped
 
-    def receive(self, timeout: float) -> tuple[float, int | None] | None:
+    def receive(self, timeout: float) -> tuple[Any, int | None] | None:
+        if self._iter is not None:
+            data = next(self._iter, _ENDED)
+            return None if data is _ENDED else (data, None)
         try:
+            if self._mode == "receive":
+                return self._sub.receive(timeout), None
             message = self._sub.receive_message(timeout)
         except ZkvTimeoutError:
             return None
         return message.data, message.seq
 
     def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self._sub.close()
 
 
@@ -134,13 +184,15 @@ def open_kv(agent: Agent, spec: Spec) -> Any:
     return agent.client(spec, make)
 
 
-def _open_sub(agent: Agent, spec: Spec, channel: str, hwm: int) -> Any:
+def _open_sub(agent: Agent, spec: Spec, channel: str, hwm: int, mode: str,
+              max_wait: float) -> Any:
     kind = spec[0]
     if kind == "zkv":
-        return ZkvSubscriber(open_kv(agent, ("zkv", spec[1], False)).store, channel)
+        return ZkvSubscriber(open_kv(agent, ("zkv", spec[1], False)).store, channel, mode,
+                             max_wait)
     if kind == "zmq":
         ctx = agent.client("zmq-context", _ZmqContext).ctx
-        return baselines.ZmqSubscriber(ctx, spec[1], channel, hwm)
+        return baselines.ZmqSubscriber(ctx, spec[1], channel, hwm, raw=spec[2:] == ("raw",))
     if kind == "redis":
         return baselines.RedisSubscriber(open_kv(agent, ("redis", spec[1]))._r, channel)
     if kind == "queue":
@@ -253,12 +305,17 @@ def throughput_loop(agent: Agent, spec: Spec, op: str, key: str, value: tuple[st
 
 
 def subscriber_loop(agent: Agent, spec: Spec, channel: str, hwm: int, max_wait: float,
-                    latency: bool) -> dict[str, Any]:
+                    latency: bool, mode: str = "message") -> dict[str, Any]:
     """Subscribe to ``channel``, say ready, and count messages until the marker (a negative
-    value) arrives. With ``latency``, each message carries its send time and the delay is
-    kept. ``marker_seq`` (zkv only) is the marker's sequence number: every message before it
-    was either received or counted in ``dropped``, unless some were lost silently."""
-    sub = _open_sub(agent, spec, channel, hwm)
+    counter) arrives, one receive call per message (``mode``: see :class:`ZkvSubscriber`;
+    ``"callback"``: a zkv callback). With ``latency``, each message carries its send time
+    and the delay is kept. ``cpu`` is the CPU time the subscriber's process spent meanwhile
+    (all its threads: the ZeroMQ I/O thread, zkv's dispatcher). ``marker_seq`` (zkv only) is
+    the marker's sequence number: every message before it was either received or counted in
+    ``dropped``, unless some were lost silently."""
+    if mode == "callback":
+        return _callback_loop(agent, spec, channel, max_wait, latency)
+    sub = _open_sub(agent, spec, channel, hwm, mode, max_wait)
     try:
         agent.ready()
         received = 0
@@ -268,24 +325,120 @@ def subscriber_loop(agent: Agent, spec: Spec, channel: str, hwm: int, max_wait: 
         marked = False
         clock = time.monotonic
         deadline = clock() + max_wait
+        cpu = time.process_time()
         while True:
             got = sub.receive(0.05)
             if got is None:
-                if clock() > deadline or agent.aborted():
+                if clock() > deadline or agent.aborted() or mode == "iter":
                     break
                 continue
             value, seq = got
-            if value < 0:
+            n, sent_at = _pub_fields(value)
+            if n < 0:
                 marked, marker_seq = True, seq
                 break
             received += 1
             last = clock()
             if latency:
-                delays.append(last - value)
+                delays.append(last - sent_at)
         return {"received": received, "last": last, "delays": delays,
-                "dropped": sub.dropped, "marker_seq": marker_seq, "marked": marked}
+                "dropped": sub.dropped, "marker_seq": marker_seq, "marked": marked,
+                "cpu": time.process_time() - cpu}
     finally:
         sub.close()
+
+
+def _callback_loop(agent: Agent, spec: Spec, channel: str, max_wait: float,
+                   latency: bool) -> dict[str, Any]:
+    """:func:`subscriber_loop` with a zkv callback doing the counting."""
+    if spec[0] != "zkv":
+        raise ValueError(f"callbacks are zkv's: {spec!r}")
+    store = open_kv(agent, ("zkv", spec[1], False)).store
+    clock = time.monotonic
+    marked = threading.Event()
+    counts = {"received": 0, "last": 0.0}
+    delays: array[float] = array("d")
+
+    def on_message(value: Any) -> None:
+        n, sent_at = _pub_fields(value)
+        if n < 0:
+            marked.set()
+            return
+        counts["received"] += 1
+        counts["last"] = now = clock()
+        if latency:
+            delays.append(now - sent_at)
+
+    dropped = store.dropped
+    store.on_subscriber_receive(channel)(on_message)
+    try:
+        agent.ready()
+        deadline = clock() + max_wait
+        cpu = time.process_time()
+        while not marked.wait(0.05):
+            if clock() > deadline or agent.aborted():
+                break
+        cpu = time.process_time() - cpu
+    finally:
+        store.remove_callback(on_message)
+    return {"received": counts["received"], "last": counts["last"], "delays": delays,
+            "dropped": store.dropped - dropped, "marker_seq": None,
+            "marked": marked.is_set(), "cpu": cpu}
+
+
+def publish_loop(publish: Callable[[str, Any], None], channel: str, messages: int,
+                 duration: float, latency: bool, kind: str) -> tuple[int, float]:
+    """Publish ``messages`` values (:func:`pub_value`) on ``channel``: as fast as possible
+    for at most ``duration`` seconds, or with ``latency`` ~1 ms apart, each carrying its send
+    time. Returns how many were sent and when the first was (``time.monotonic``)."""
+    clock = time.monotonic
+    sent = 0
+    t0 = clock()
+    if latency:
+        for _ in range(messages):
+            publish(channel, pub_value(sent, clock(), kind))
+            sent += 1
+            time.sleep(0.001)
+    else:
+        end = t0 + duration
+        while sent < messages:
+            publish(channel, pub_value(sent, 0.0, kind))
+            sent += 1
+            if sent % 64 == 0 and clock() >= end:
+                break
+    return sent, t0
+
+
+#: Sent to a publishing agent (:meth:`Agents.tell`): start publishing; stop sending markers.
+GO, STOP = "go", "stop"
+
+
+def publisher_loop(agent: Agent, spec: Spec, channel: str, subscribers: int, hwm: int,
+                   messages: int, duration: float, latency: bool, kind: str
+                   ) -> dict[str, Any]:
+    """A publisher in a child process: set up (a zkv client, or a bare XPUB bound at the
+    address subscribers connect to, which waits for their subscriptions), say ready, wait
+    for GO, :func:`publish_loop`, then send markers until told STOP."""
+    if spec[0] == "zkv":
+        publish = open_kv(agent, ("zkv", spec[1], False)).store.publish
+    elif spec[0] == "zmq":
+        pub = agent.client(("zmq-pub", spec[1]), lambda: baselines.ZmqPublisher(spec[1], hwm))
+        pub.wait_subscribers(channel, subscribers)
+        publish = pub.publish
+    else:
+        raise ValueError(f"unknown publisher {spec!r}")
+    agent.ready()
+    deadline = time.monotonic() + 30.0
+    while agent.message(0.05) != GO:
+        if time.monotonic() > deadline:
+            raise TimeoutError("no GO from the main process")
+    sent, t0 = publish_loop(publish, channel, messages, duration, latency, kind)
+    deadline = time.monotonic() + 20.0
+    marker = pub_value(-1, 0.0, kind)
+    while True:
+        publish(channel, marker)
+        if agent.message(0.01) == STOP or time.monotonic() > deadline:
+            return {"sent": sent, "t0": t0}
 
 
 def staleness_reader(agent: Agent, spec: Spec, key: str, final: int,
