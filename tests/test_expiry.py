@@ -233,7 +233,9 @@ class TestBackgroundRemoval:
                 rounds = [round_(client, owner, n) for n in (1, 2, 3)]
         for peak, after in rounds:
             assert peak - start > 5_000, (start, rounds)  # the keys did take memory
-            assert after - start < (peak - start) / 3, (start, rounds)  # ... and gave it back
+            assert after - start < (peak - start) / 2, (start, rounds)  # ... and gave it back
+        # No drift from round to round (kB; the allocator keeps some pages around).
+        assert rounds[-1][1] - rounds[0][1] < 4_096, (start, rounds)
 
 
 class TestWatchers:

@@ -62,8 +62,9 @@ def fill(store: zkv.Store) -> None:
 def _samples(key: str, value: Any) -> dict[str, tuple[Any, ...]]:
     """Arguments a real client could send, for every operation of the table."""
     return {
-        "get": (key,), "set": (key, value, None), "delete": (key,), "get_all": (),
-        "keys": (), "len": (), "contains": (key,), "clear": (), "modify": (key, str, None),
+        "get": (key,), "set": (key, value, None), "delete": (key,), "get_all": ("",),
+        "keys": ("",), "len": (), "delete_prefix": ("n",), "scan": (0, "", 10),
+        "contains": (key,), "clear": (), "modify": (key, str, None),
         "incr": (key, 1), "setdefault": ("new", value), "pop": (key,),
         "compare_and_set": (key, zkv.MISSING, value), "transact": (dict.clear,),
         "lock": ("L", b"t" * 16, None), "unlock": ("L", b"t" * 16),

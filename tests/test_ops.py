@@ -30,12 +30,14 @@ class TestTable:
         used = {"get", "set", "delete", "get_all", "keys", "len", "contains", "clear",
                 "modify", "incr", "setdefault", "pop", "compare_and_set", "transact", "lock",
                 "unlock", "publish", "stats", "get_many", "set_many", "expire", "ttl",
-                "persist", "pipeline", "bye", "cache_watch", "cache_unwatch", "cache_sync"}
+                "persist", "pipeline", "bye", "cache_watch", "cache_unwatch", "cache_sync",
+                "delete_prefix", "scan"}
         assert set(ops.OPS) == used
 
 
 SAMPLES: dict[str, tuple[Any, ...]] = {
-    "get": ("k",), "set": ("k", {"v": 1}, 2.5), "delete": ("k",), "get_all": (), "keys": (),
+    "get": ("k",), "set": ("k", {"v": 1}, 2.5), "delete": ("k",), "get_all": ("p",),
+    "keys": ("",), "delete_prefix": ("p\0",), "scan": (7, "p", 100),
     "len": (), "contains": ("k",), "clear": (), "modify": ("k", len, []), "incr": ("k", 2),
     "setdefault": ("k", [1]), "pop": ("k",), "compare_and_set": ("k", 1, 2),
     "transact": (len,), "lock": ("L", b"t" * 16, 1.5), "unlock": ("L", b"t" * 16),

@@ -151,6 +151,9 @@ ChangeHook = Callable[[int, str, "Entry | None", int], None]
 
 #: Expired keys removed per call of :meth:`State.purge_expired` (the rest: next time).
 PURGE_BATCH = 10_000
+#: Seconds a scan is kept between two pages, and how many scans run at once at most.
+SCAN_IDLE = 60.0
+SCANS = 64
 #: Keys: dictionaries smaller than this at their largest are never compacted.
 _COMPACT_ABOVE = 50_000
 
@@ -168,6 +171,8 @@ class State:
         self._deadlines: dict[str, float] = {}  # key -> monotonic time it expires
         self._heap: list[tuple[float, str]] = []  # (deadline, key); stale items are skipped
         self._peak = 0  # the most keys held since the last compaction
+        self._scans: dict[int, tuple[list[str], int, float]] = {}  # cursor -> keys, at, used
+        self._next_scan = 0
         self.lock = threading.RLock()
         self.version = 0
         self.on_change: ChangeHook | None = None
@@ -277,6 +282,43 @@ class State:
             if not prefix:
                 return list(self._data.items())
             return [(k, e) for k, e in self._data.items() if k.startswith(prefix)]
+
+    def scan(self, cursor: int, prefix: str, count: int) -> tuple[int, list[str]]:
+        """A page of at most ``count`` keys starting with ``prefix``, and the cursor of the
+        next page (0: the scan is over). Cursor 0 starts a scan: the keys are listed then, and
+        each page returns those of them still present. So a key present throughout a scan is
+        returned exactly once; one set or removed while it runs may or may not be. A scan not
+        continued within :data:`SCAN_IDLE` seconds is forgotten (its cursor is then refused
+        with KeyError); at most :data:`SCANS` run at once (the oldest is forgotten)."""
+        with self.lock:
+            now = _now()
+            scans = self._scans
+            for stale in [c for c, scan in scans.items() if scan[2] < now - SCAN_IDLE]:
+                del scans[stale]
+            if cursor == 0:
+                self._purge_due()
+                keys = [k for k in self._data if k.startswith(prefix)] if prefix \
+                    else list(self._data)
+                self._next_scan += 1
+                cursor = self._next_scan
+                if len(scans) >= SCANS:
+                    del scans[min(scans, key=lambda c: scans[c][2])]
+                scans[cursor] = (keys, 0, now)
+            elif cursor not in scans:
+                raise KeyError(f"scan cursor {cursor} is unknown or expired (a scan is "
+                               f"forgotten after {SCAN_IDLE:.0f} s without a next page)")
+            keys, at, _used = scans[cursor]
+            page: list[str] = []
+            while at < len(keys) and len(page) < count:
+                key = keys[at]
+                at += 1
+                if self._live(key) is not None:
+                    page.append(key)
+            if at >= len(keys):
+                del scans[cursor]
+                return 0, page
+            scans[cursor] = (keys, at, now)
+            return cursor, page
 
     def ttl(self, key: str) -> float | Any | None:
         """Seconds until ``key`` expires, None if it has no deadline, MISSING if it is

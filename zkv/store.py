@@ -25,6 +25,7 @@ from collections.abc import (
     ItemsView,
     Iterable,
     Iterator,
+    KeysView,
     Mapping,
     MutableMapping,
     ValuesView,
@@ -68,6 +69,33 @@ def _bad_key(key: object) -> None:
 def _check_amount(amount: object) -> None:
     if type(amount) not in (int, float):
         raise TypeError(f"incr amount must be an int or float, not {type(amount).__name__}")
+
+
+def _check_prefix(prefix: object) -> None:
+    if type(prefix) is not str:
+        raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
+
+
+class _KeysSnapshot(KeysView[str]):
+    """The keys of a store at one moment (``Store.keys()``): a set-like view of a list."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self._keys = keys
+        self._set: set[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        if self._set is None:
+            self._set = set(self._keys)
+        return key in self._set
+
+    def __repr__(self) -> str:
+        return f"zkv keys({self._keys!r})"
 
 
 class _Closed:
@@ -271,9 +299,42 @@ class Store(MutableMapping[str, Any]):
             raise KeyError(key)
         return found
 
-    def get_all(self) -> dict[str, Any]:
-        """A copy of the whole store as a dict, taken atomically."""
-        return self._core.call(ops.GET_ALL)
+    def get_all(self, prefix: str = "") -> dict[str, Any]:
+        """A copy of the whole store (of the keys starting with ``prefix``) as a dict, taken
+        atomically. It holds the owner for its whole duration: for a large store, prefer
+        :meth:`scan` and :meth:`get_many`."""
+        _check_prefix(prefix)
+        return self._core.call(ops.GET_ALL, prefix)
+
+    def keys(self, prefix: str = "") -> KeysView[str]:
+        """A snapshot of the keys (starting with ``prefix``), taken atomically."""
+        _check_prefix(prefix)
+        return _KeysSnapshot(self._core.call(ops.KEYS, prefix))
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every key starting with ``prefix``, as one atomic step; return how many
+        were removed. ``delete_prefix("")`` is :meth:`clear`."""
+        _check_prefix(prefix)
+        return self._core.call(ops.DELETE_PREFIX, prefix)
+
+    def scan(self, prefix: str = "", count: int = 1000) -> Iterator[str]:
+        """Yield the keys starting with ``prefix``, fetched ``count`` at a time: the key set
+        never travels in one message, and the owner is held for a page at a time. A key
+        present throughout the scan is yielded exactly once; one set or removed while it runs
+        may or may not be. A scan not continued within a minute is forgotten by the owner
+        (the next page raises KeyError)."""
+        _check_prefix(prefix)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"count must be an int >= 1, not {count!r}")
+        return self._scan(prefix, count)
+
+    def _scan(self, prefix: str, count: int) -> Iterator[str]:
+        cursor = 0
+        while True:
+            cursor, page = self._core.call(ops.SCAN, cursor, prefix, count)
+            yield from page
+            if cursor == 0:
+                return
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """The values of ``keys`` that exist, in one round trip, read atomically."""
@@ -348,7 +409,7 @@ class Store(MutableMapping[str, Any]):
 
     def __iter__(self) -> Iterator[str]:
         """Iterate over a snapshot of the keys."""
-        keys: list[str] = self._core.call(ops.KEYS)
+        keys: list[str] = self._core.call(ops.KEYS, "")
         return iter(keys)
 
     def __len__(self) -> int:

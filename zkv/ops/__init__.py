@@ -235,12 +235,22 @@ def _set_many(ctx: Context, items: list[tuple[str, Entry]], ttl: float | None) -
     ctx.state.put_many(items, ttl)
 
 
-def _get_all(ctx: Context) -> list[tuple[str, Entry]]:
-    return ctx.state.items()
+def _get_all(ctx: Context, prefix: str) -> list[tuple[str, Entry]]:
+    return ctx.state.items(prefix)
 
 
-def _keys(ctx: Context) -> list[str]:
-    return ctx.state.keys()
+def _keys(ctx: Context, prefix: str) -> list[str]:
+    return ctx.state.keys(prefix)
+
+
+def _delete_prefix(ctx: Context, prefix: str) -> int:
+    return ctx.state.clear(prefix)
+
+
+def _scan(ctx: Context, cursor: int, prefix: str, count: int) -> tuple[int, list[str]]:
+    if type(count) is not int or count < 1:
+        raise ValueError(f"scan count must be an int >= 1, not {count!r}")
+    return ctx.state.scan(cursor, prefix, count)
 
 
 def _len(ctx: Context) -> int:
@@ -314,10 +324,12 @@ PIPELINE: Op[..., list[Any]] = Op(
     "pipeline", 4, (), k.NOTHING, _pipeline,
     "(op u32, frame count u32) per operation, packed frames -> (status, frame count) per "
     "operation, packed frames; applied in order as one atomic step", pipelined=False)
-GET_ALL: Op[[], dict[str, Any]] = Op(
-    "get_all", 5, (), k.ITEM_SECTIONS, _get_all, "every key and value, read atomically",
+GET_ALL: Op[[str], dict[str, Any]] = Op(
+    "get_all", 5, (k.NAME,), k.ITEM_SECTIONS, _get_all,
+    "every key (starting with a prefix) and its value, read atomically", all_keys=True)
+KEYS: Op[[str], list[str]] = Op(
+    "keys", 6, (k.NAME,), k.KEY_LIST, _keys, "every key (starting with a prefix)",
     all_keys=True)
-KEYS: Op[[], list[str]] = Op("keys", 6, (), k.KEY_LIST, _keys, "every key", all_keys=True)
 LEN: Op[[], int] = Op("len", 7, (), k.PICKLE, _len, "the number of keys")
 CONTAINS: Op[[str], bool] = Op(
     "contains", 8, (k.KEY,), k.FOUND, _contains, "whether a key exists")
@@ -377,12 +389,21 @@ TTL: Op[[str], float | None] = Op(
     "seconds until a key expires (None: no expiry; MISSING: no such key)")
 PERSIST: Op[[str], bool] = Op(
     "persist", 32, (k.KEY,), k.FOUND, _persist, "remove a key's expiry")
+DELETE_PREFIX: Op[[str], int] = Op(
+    "delete_prefix", 33, (k.NAME,), k.PICKLE, _delete_prefix,
+    "remove every key starting with a prefix, as one atomic step; returns how many",
+    all_keys=True)
+SCAN: Op[[int, str, int], tuple[int, list[str]]] = Op(
+    "scan", 34, (k.INT, k.NAME, k.INT), k.PICKLE, _scan,
+    "a page of keys (cursor 0 starts a scan; count keys at most) and the next cursor (0: "
+    "done)", pipelined=False)
 
 #: Every operation, by name.
 OPS: dict[str, Op[..., Any]] = {op.name: op for op in (
     GET, SET, DELETE, PIPELINE, GET_ALL, KEYS, LEN, CONTAINS, CLEAR, MODIFY, INCR,
     SETDEFAULT, POP, CAS, TRANSACT, LOCK, UNLOCK, PUBLISH, BYE, STATS, CACHE_WATCH,
-    CACHE_UNWATCH, CACHE_SYNC, GET_MANY, SET_MANY, EXPIRE, TTL, PERSIST)}
+    CACHE_UNWATCH, CACHE_SYNC, GET_MANY, SET_MANY, EXPIRE, TTL, PERSIST, DELETE_PREFIX,
+    SCAN)}
 #: Every operation, by code.
 BY_CODE: dict[int, Op[..., Any]] = {op.code: op for op in OPS.values()}
 assert len(BY_CODE) == len(OPS), "two operations share a code"

@@ -18,7 +18,8 @@ from ..errors import DecodeError, EncodeError, ProtocolError
 from ..state import MISSING, Entry, check_ttl
 from .context import Context, Pickled
 
-__all__ = ["BYTES", "DATA", "ENTRY", "FOUND", "ITEMS", "ITEM_SECTIONS", "JSON", "KEY", "KEYS",
+__all__ = ["BYTES", "DATA", "ENTRY", "FOUND", "INT", "ITEMS", "ITEM_SECTIONS", "JSON", "KEY",
+           "KEYS",
            "KEY_LIST", "MANY", "NAME", "NOTHING", "NUMBER", "OBJECT", "PICKLE", "PREFIXES",
            "SEQ", "TIMEOUT", "TTL", "VALUE", "Arg", "Result"]
 
@@ -81,6 +82,20 @@ def _decode_timeout(frames: list[Any]) -> float | None:
                               or not value >= 0):
         raise ValueError(f"a lock timeout must be null or a number >= 0, not {value!r}")
     return None if value is None or math.isinf(value) else float(value)
+
+
+_INT = struct.Struct("<q")
+
+
+def _encode_int(value: int) -> list[Frame]:
+    return [_INT.pack(value)]
+
+
+def _decode_int(frames: list[Any]) -> int:
+    raw = bytes(frames[0])
+    if len(raw) != _INT.size:
+        raise ProtocolError(f"bad integer of {len(raw)} bytes")
+    return int(_INT.unpack(raw)[0])
 
 
 def _encode_keys(keys: Sequence[str]) -> list[Frame]:
@@ -173,6 +188,8 @@ DATA = Arg("value frames", False, codec.dumps, list, _local_publish)
 TTL = Arg("ttl", True, _encode_ttl, _decode_ttl, _same)
 #: Raw bytes (a lock's token, a probe topic).
 BYTES = Arg("bytes", True, lambda value: [value], _one_bytes, _same)
+#: An integer (i64).
+INT = Arg("i64", True, _encode_int, _decode_int, _same)
 #: A wait in seconds, or none (JSON).
 TIMEOUT = Arg("JSON timeout", True, _encode_timeout, _decode_timeout, _same)
 #: Keys of the store: joined by NUL in one frame, or packed.
