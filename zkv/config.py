@@ -23,6 +23,11 @@ option                environment variable      default  meaning
                                                          processes through files in ``/dev/shm``
                                                          (:mod:`zkv.blobs`); 0 sends everything
                                                          through the sockets
+``owner``             ``ZKV_OWNER``             embedded where a new store's data lives:
+                                                         ``"embedded"`` in the process that
+                                                         serves it, ``"process"`` in a dedicated
+                                                         process it starts (its workers never
+                                                         wait on its GIL)
 ====================  ========================  =======  ==========================================
 
 Keyword arguments win over environment variables, which win over the defaults.
@@ -47,8 +52,12 @@ _ENV = {
     "keys": "ZKV_KEYS",
     "heartbeat": "ZKV_HEARTBEAT",
     "blob_threshold": "ZKV_BLOB_THRESHOLD",
+    "owner": "ZKV_OWNER",
 }
 _FLOATS = ("timeout", "linger", "heartbeat")
+#: Where an owner's data lives: in the process that serves (``"embedded"``), or in a
+#: dedicated process that it starts (``"process"``; see :mod:`zkv.owner.process`).
+OWNERS = ("embedded", "process")
 #: ZeroMQ takes linger in int32 milliseconds.
 _MAX_LINGER = 3600.0
 
@@ -68,6 +77,7 @@ class Options:
     keys: KeysOption = None
     heartbeat: float = 1.0
     blob_threshold: int = 1 << 20
+    owner: str = "embedded"
 
     def __post_init__(self) -> None:
         timeout = self.timeout
@@ -91,6 +101,9 @@ class Options:
         beat = self.heartbeat
         if not _is_number(beat) or not 0.01 <= beat <= 600:
             raise ValueError(f"heartbeat must be a number of seconds in [0.01, 600], not {beat!r}")
+        if self.owner not in OWNERS:
+            raise ValueError(f"owner must be one of {', '.join(map(repr, OWNERS))}, not "
+                             f"{self.owner!r}")
 
     @classmethod
     def from_env(cls, overrides: Mapping[str, Any] | None = None,
@@ -113,8 +126,9 @@ class Options:
                 values[name] = overrides[name]
             elif environ.get(var):
                 raw = environ[var]
-                if name == "keys":
+                if name in ("keys", "owner"):
                     values[name] = raw
+                    from_env[name] = f"{var}={raw}"
                     continue
                 kind = float if name in _FLOATS else int
                 try:

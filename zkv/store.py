@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import multiprocessing
 import multiprocessing.util
 import os
@@ -41,6 +42,8 @@ from .errors import NoOwnerError, StoreClosedError
 from .locks import Lock
 from .ops import Op
 from .owner.local import LocalCore
+from .owner.process import OwnerProcess
+from .owner.process import start as start_owner_process
 from .pubsub import Subscriber, Topics
 from .remote import RemoteCore
 from .state import MISSING, check_ttl
@@ -240,6 +243,7 @@ class Store(MutableMapping[str, Any]):
         self._env_before: str | None = None
         self._keys_exported: tuple[str | None, str] | None = None  # (ZKV_KEYS before, ours)
         self._abandoned: list[Any] = []
+        self._owner_process: OwnerProcess | None = None  # owner="process": the data's process
         _LIVE.add(self)
         _install_exit_hooks()
 
@@ -252,7 +256,9 @@ class Store(MutableMapping[str, Any]):
 
     @property
     def is_owner(self) -> bool:
-        """True in the process that holds the data (and only there)."""
+        """True in the process that holds the data (and only there). With
+        ``owner="process"`` that is the dedicated owner process, and this is False in every
+        process of the program, the main one included."""
         return self._core.is_owner
 
     @property
@@ -651,7 +657,10 @@ class Store(MutableMapping[str, Any]):
         if dispatcher is not None:
             dispatcher.close()
         core.close()
-        if self._is_owner and self._env_before is not _NOT_SET:
+        if self._owner_process is not None:
+            self._owner_process.stop(self._options.linger + 10)
+        if (self._is_owner or self._owner_process is not None) \
+                and self._env_before is not _NOT_SET:
             if os.environ.get(_endpoint.ENV_VAR) == self._endpoint:
                 if self._env_before is None:
                     os.environ.pop(_endpoint.ENV_VAR, None)
@@ -687,6 +696,7 @@ class Store(MutableMapping[str, Any]):
         self._dispatcher = None
         self._core = _Reconnect(self)
         self._is_owner = False
+        self._owner_process = None  # the parent's: only the parent stops it
         self._env_before = _NOT_SET
 
     def _reconnect(self) -> Core:
@@ -838,15 +848,20 @@ _GLOBAL_LOCK = threading.RLock()
 _hooks_pid: int | None = None
 
 
-def store() -> Store:
+def store(*, owner: str | None = None) -> Store:
     """The process-wide store: the same object on every call in one process.
 
     On first use it connects to the owner announced in ``ZKV_ENDPOINT`` (or, in a process
     that multiprocessing started, to an owner among its ancestors). If there is none and this
-    is not a multiprocessing child, it becomes the owner: it binds private ipc sockets, starts
-    its poller thread and exports ``ZKV_ENDPOINT`` for the children it starts. A
+    is not a multiprocessing child, it makes a new store: it binds private ipc sockets, starts
+    its loop thread and exports ``ZKV_ENDPOINT`` for the children it starts. A
     multiprocessing child that finds no owner raises :class:`~zkv.NoOwnerError` instead of
     silently making a private store.
+
+    ``owner`` (default ``ZKV_OWNER``, else ``"embedded"``) says where a new store's data
+    lives: in this process, or (``"process"``) in a dedicated process that this one starts
+    and that every process of the program, this one included, is a client of (see
+    :func:`serve`). It is ignored when the store already exists or is joined.
     """
     current = _GLOBAL
     if current is not None and not current.closed:
@@ -864,7 +879,7 @@ def store() -> Store:
                 "the store in the main process (zkv.store() or zkv.serve()) before starting "
                 "the workers, or pass its endpoint: zkv.connect(endpoint)")
         else:
-            made = serve()
+            made = serve() if owner is None else serve(owner=owner)
         _set_global(made)
         return made
 
@@ -893,9 +908,20 @@ def serve(endpoint: str | None = None, **options: Any) -> Store:
     and the store becomes this process's :func:`zkv.store` if there was none. Use it as a
     context manager to close it and remove its sockets. ``options``: see
     :class:`zkv.config.Options`.
+
+    ``owner="process"`` (or ``ZKV_OWNER=process``): the data and the sockets live in a
+    dedicated process that this one starts, and this process is a client of it like every
+    worker (``is_owner`` is False here): a busy main thread then slows no worker down. That
+    process ends when this store is closed or this process exits or dies.
     """
     opts = Options.from_env(options)
-    made = Store(LocalCore(opts, endpoint), opts)
+    if opts.owner == "process":
+        address, process = start_owner_process(opts, endpoint)
+        client_opts = dataclasses.replace(opts, owner="embedded")
+        made = Store(RemoteCore(address, client_opts), client_opts)
+        made._owner_process = process
+    else:
+        made = Store(LocalCore(opts, endpoint), opts)
     made._env_before = os.environ.get(_endpoint.ENV_VAR)
     os.environ[_endpoint.ENV_VAR] = made.endpoint
     if isinstance(opts.keys, (str, os.PathLike)) and not made.endpoint.startswith("ipc://"):
