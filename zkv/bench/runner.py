@@ -120,6 +120,7 @@ class Target:
     ``against`` names the alternative (``speed(zkv) / speed(against) >= min_ratio``);
     without it ``min_speed`` is an absolute floor for zkv's figure. ``no_silent_loss``
     requires the zkv case's ``silent`` counter to stay 0. ``label`` is how the table says it.
+    ``subject`` judges another case of the row than the first (zkv's reference case).
     """
 
     label: str
@@ -127,6 +128,7 @@ class Target:
     min_ratio: float | None = None
     min_speed: float | None = None
     no_silent_loss: bool = False
+    subject: str | None = None
 
 
 @dataclasses.dataclass
@@ -211,26 +213,30 @@ class RowResult:
             return None
         return (self.row.work if self.row.metric == "throughput" else 1.0) / m
 
-    def ratio(self, result: CaseResult) -> float | None:
-        """speed(zkv) / speed(result): >1 means zkv is faster."""
-        mine, theirs = self.speed(self.reference), self.speed(result)
-        if mine is None or theirs is None or theirs == 0:
+    def ratio(self, result: CaseResult, mine: CaseResult | None = None) -> float | None:
+        """speed(mine) / speed(result), ``mine`` being zkv's reference case by default: >1
+        means zkv is faster."""
+        ours, theirs = self.speed(mine or self.reference), self.speed(result)
+        if ours is None or theirs is None or theirs == 0:
             return None
-        return mine / theirs
+        return ours / theirs
 
     def judge(self) -> list[TargetResult]:
         out = []
         for t in self.row.targets:
-            if t.no_silent_loss:
-                silent = self.reference.extra_total("silent") if self.reference.ok else None
+            judged = self.reference if t.subject is None else self.case(t.subject)
+            if judged is None:
+                out.append(TargetResult(t, None, None))
+            elif t.no_silent_loss:
+                silent = judged.extra_total("silent") if judged.ok else None
                 out.append(TargetResult(t, silent, None if silent is None else silent == 0))
             elif t.against is not None:
                 other = self.case(t.against)
-                ratio = None if other is None else self.ratio(other)
+                ratio = None if other is None else self.ratio(other, judged)
                 met = None if ratio is None or t.min_ratio is None else ratio >= t.min_ratio
                 out.append(TargetResult(t, ratio, met))
             else:
-                speed = self.speed(self.reference)
+                speed = self.speed(judged)
                 met = None if speed is None or t.min_speed is None else speed >= t.min_speed
                 out.append(TargetResult(t, speed, met))
         return out

@@ -25,6 +25,7 @@ from ..sockets import poll, recv_request
 from ..state import Entry, State
 from .binding import Bound, bind
 from .fanout import Fanout
+from .gil import GilWatch
 from .outbox import Change, Grant, Outbox, Publish
 from .requests import Requests
 from .sessions import Refusals, Sessions
@@ -59,6 +60,9 @@ class Owner:
         self.requests = Requests(self.state, self.locks, self.outbox, self.fanout,
                                  self.sessions, self.bound, self.refused, self.stats)
         self.state.pace = self.wait_for_room
+        self.gil = GilWatch()
+        self._served = 0  # requests served (to know whether a tick had any)
+        self._served_at_tick = 0
         self._stopping = False
         self._ticks = 0
         self._started = time.time()
@@ -174,6 +178,7 @@ class Owner:
     def _serve(self, router: zmq.Socket[Any], tcp: bool) -> None:
         """Serve what is queued on the ROUTER, up to a batch."""
         serve = self.requests.serve
+        self._served += 1
         for _ in range(_BATCH):
             try:
                 if not tcp:
@@ -215,6 +220,9 @@ class Owner:
         self.locks.expire(now)
         if self.state.expiring:
             self.state.purge_expired()
+        if self._served != self._served_at_tick:  # someone is being served: are they waiting?
+            self._served_at_tick = self._served
+            self.gil.probe(now)
 
     # -- counters ------------------------------------------------------------------------------
 
