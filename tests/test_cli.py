@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import zkv
+from zkv.testing import wait_for
 from zkv.cli import TOOLS
 from zkv.cli_base import COMMANDS
 
@@ -339,6 +340,46 @@ class TestPubSub:
         assert event == {"key": "a", "kind": "set", "value": [1], "version": event["version"]}
         assert event["version"] == kv.stats()["version"]
         assert cmd.interrupt() == 0
+
+
+class TestExpiryCommands:
+    """ttl, expire and persist, against a real owner."""
+
+    def test_ttl_expire_persist(self, kv: zkv.Store) -> None:
+        kv["a"] = 1
+        assert ok("ttl", "a").strip() == "None"
+        ok("expire", "a", "30")
+        left = float(ok("ttl", "a"))
+        assert 25 < left <= 30 and 25 < (kv.ttl("a") or 0) <= 30
+        ok("persist", "a")
+        assert kv.ttl("a") is None
+        for args in (["ttl", "missing"], ["expire", "missing", "5"], ["persist", "missing"]):
+            done = run(*args)
+            assert done.returncode == 1 and "missing" in done.stderr, args
+        done = run("expire", "a", "-1")
+        assert done.returncode == 2 and "seconds" in done.stderr
+        assert kv.ttl("a") is None  # the bad request changed nothing
+
+
+class TestMonitor:
+    """monitor prints the requests the owner serves, as it serves them, until Ctrl-C."""
+
+    def test_monitor(self, kv: zkv.Store, running: list[Running]) -> None:
+        cmd = Running("monitor", "--json")
+        running.append(cmd)
+        cmd.wait_live()
+        with zkv.connect(kv.endpoint) as client:
+            client.set("k", 1)
+            client.incr("n")
+            client.get("missing")
+            events = [json.loads(cmd.line()) for _ in range(3)]
+        assert [(e["op"], e["key"], e["status"]) for e in events] == [
+            ("set", "k", "ok"), ("incr", "n", "ok"), ("get", "missing", "none")]
+        assert {e["pid"] for e in events} == {os.getpid()}
+        assert cmd.interrupt() == 0
+        assert "Traceback" not in cmd.stderr_text
+        wait_for(lambda: not kv._core.owner.fanout.monitored, timeout=10,  # type: ignore
+                 what="the owner to stop describing requests")
 
 
 # -- the target owner: several owners, in child processes -----------------------------------

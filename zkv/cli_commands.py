@@ -21,7 +21,8 @@ from .pubsub import Change, Message
 from .state import MISSING
 from .store import connect
 
-__all__ = ["delete", "get", "incr", "keys", "ls", "ping", "pub", "set_", "stats", "sub", "watch"]
+__all__ = ["delete", "expire", "get", "incr", "keys", "ls", "monitor", "persist", "ping", "pub",
+           "set_", "stats", "sub", "ttl", "watch"]
 
 
 def _number(text: str) -> int | float:
@@ -82,6 +83,44 @@ def incr(cx: Context) -> int:
     return 0
 
 
+@command("ttl", "print the seconds until KEY expires", arg("key", metavar="KEY"))
+def ttl(cx: Context) -> int:
+    """Print the seconds until KEY expires, or None if it has no expiry. Exit status 1 if
+    KEY is missing."""
+    try:
+        left = cx.store.ttl(cx.args.key)
+    except KeyError:
+        return cx.missing(cx.args.key)
+    cx.show(None if left is None else round(left, 3))
+    return 0
+
+
+@command("expire", "make KEY expire in SECONDS",
+         arg("key", metavar="KEY"),
+         arg("seconds", metavar="SECONDS", type=float,
+             help="a number of seconds > 0 (on the owner's clock)"))
+def expire(cx: Context) -> int:
+    """Make KEY expire SECONDS from now. Exit status 1 if KEY is missing, 2 if SECONDS is
+    not a finite number > 0."""
+    try:
+        found = cx.store.expire(cx.args.key, cx.args.seconds)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return 0 if found else cx.missing(cx.args.key)
+
+
+@command("persist", "remove the expiry of KEY", arg("key", metavar="KEY"))
+def persist(cx: Context) -> int:
+    """Remove the expiry of KEY. Exit status 1 if KEY is missing; a KEY without expiry is
+    left as it is (exit status 0, and a note on stderr)."""
+    if cx.store.persist(cx.args.key):
+        return 0
+    if cx.args.key not in cx.store:
+        return cx.missing(cx.args.key)
+    cx.note(f"{cx.args.key!r} had no expiry")
+    return 0
+
+
 @command("keys", "list the keys",
          arg("--prefix", metavar="P", default="", help="only the keys that start with P"))
 def keys(cx: Context) -> int:
@@ -91,7 +130,7 @@ def keys(cx: Context) -> int:
     prefix: str = cx.args.prefix
     with Progress("zkv keys", cx.stderr) as progress:
         progress.stage("asking the owner for its keys")
-        found = sorted(key for key in cx.store if key.startswith(prefix))
+        found = sorted(cx.store.scan(prefix))  # in pages: the owner is never held long
         if cx.json:
             cx.out(json.dumps(found, ensure_ascii=False))
             return 0
@@ -157,6 +196,23 @@ def watch(cx: Context) -> int:
         raise UsageError("--prefix needs a KEY (the prefix); without KEY every key is watched")
     watcher = cx.store.watch(prefix=key) if cx.args.prefix else cx.store.watch(key)
     return cx.follow(watcher, _change_line)
+
+
+def _monitor_line(message: Message) -> tuple[Any, str]:
+    event: dict[str, Any] = message.data
+    stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+    stamp += f".{int(event['time'] * 1000) % 1000:03d}"
+    subject = "" if event["key"] is None else " " + show_name(event["key"])
+    return event, f"{stamp} pid {event['pid']} {event['op']}{subject} {event['status']}"
+
+
+@command("monitor", "print every request the owner serves, until Ctrl-C")
+def monitor(cx: Context) -> int:
+    """Print every request the owner serves from other processes as it serves it, one a
+    line ("TIME pid PID OP KEY STATUS", or a JSON object with --json), until Ctrl-C. The owner
+    describes requests only while someone monitors; the owner process's own calls are not
+    requests and do not show (with owner="process" every call is one)."""
+    return cx.follow(cx.store.monitor(), _monitor_line)
 
 
 # -- owners ------------------------------------------------------------------------------------

@@ -115,6 +115,13 @@ class Topics:
             prefixes = [""]  # every key
         return cls(wire.KEY_TOPIC, exact, prefixes)
 
+    @classmethod
+    def monitor(cls) -> Topics:
+        """The owner's monitor (see :meth:`zkv.Store.monitor`)."""
+        topics = cls(wire.MONITOR_TOPIC[:1])
+        topics.exact = {wire.MONITOR_TOPIC}
+        return topics
+
     def all(self) -> list[bytes]:
         return sorted(self.exact) + self.prefixes
 

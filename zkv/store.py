@@ -574,6 +574,17 @@ class Store(MutableMapping[str, Any]):
         applied."""
         return self._subscriber(Topics.keys(key, prefix), "zkv watcher")
 
+    def monitor(self) -> Subscriber:
+        """A :class:`Subscriber` of every request the owner serves from other processes, as
+        it serves it (like ``redis-cli monitor``): each message's data is a dict with
+        ``time`` (the owner's wall clock), ``pid`` (the client process), ``op`` (the
+        operation's name), ``key`` (the key, lock or channel it was about, or None) and
+        ``status`` ("ok", "none", "error", "one-way" for a publish, or "answered later" for a lock
+        wait). The owner
+        describes requests only while someone listens; its own process's calls are not
+        requests and are not shown (with ``owner="process"`` every call is one)."""
+        return self._subscriber(Topics.monitor(), "zkv monitor")
+
     def _subscriber(self, topics: Topics, what: str) -> Subscriber:
         reentry.refuse("subscribe() or watch()")
         sub = self._core.subscriber(topics, what)

@@ -75,6 +75,7 @@ __all__ = [
     "KIND_MERGED",
     "KIND_MORE",
     "MERGED",
+    "MONITOR_TOPIC",
     "MORE",
     "PLAIN_VALUES",
     "PROBE_TOPIC",
@@ -462,6 +463,8 @@ def key_str(frame: Frame) -> str:
 CHANNEL_TOPIC = b"c"
 KEY_TOPIC = b"k"
 PROBE_TOPIC = b"w"
+#: The one topic of the owner's monitor (every request it serves, while someone listens).
+MONITOR_TOPIC = b"m\0"
 
 
 def topic(namespace: bytes, name: bytes, exact: bool = True) -> bytes:

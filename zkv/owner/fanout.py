@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from .. import wire
+from .. import codec, wire
 from ..codec import Frame
 from ..errors import EncodeError
 from ..sockets import send_frames
@@ -58,6 +58,8 @@ class Fanout:
         self._cachers: dict[bytes, _Cacher] = {}
         self._seqs: dict[bytes, int] = {}
         self._watched = False
+        #: Someone listens to the monitor: the owner then describes each request it serves.
+        self.monitored = False
 
     # -- subscriptions -------------------------------------------------------------------------
 
@@ -104,6 +106,7 @@ class Fanout:
                                                [wire.pack_welcome(snapshot)]))
 
     def _update_watched(self) -> None:
+        self.monitored = wire.MONITOR_TOPIC in self._subscriptions
         self._watch_topics = [t for t in self._subscriptions if t[:1] == b"k"]
         watched = bool(self._watch_topics or self._cachers)
         if watched != self._watched:
@@ -124,6 +127,11 @@ class Fanout:
         seq = self._seqs.get(topic, 0) + 1
         self._seqs[topic] = seq
         send_frames(self._xpub, wire.published(topic, seq, version, kind, frames))
+
+    def monitor(self, event: dict[str, Any], version: int) -> None:
+        """Publish the description of a request the owner served to the monitor's
+        listeners."""
+        self._fan_out(wire.MONITOR_TOPIC, Kind.MESSAGE, codec.dumps(event), version)
 
     def change(self, kind: int, key: str, entry: Entry | None, version: int) -> None:
         """A change of ``key``: an invalidation to each client caching it, and an event for

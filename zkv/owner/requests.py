@@ -21,6 +21,7 @@ from ..codec import Frame
 from ..errors import ProtocolError
 from ..locks import LockTable
 from ..ops import DEFERRED
+from ..ops.kinds import NAME
 from ..sockets import send_frames
 from ..state import Entry, State
 from .binding import Bound
@@ -36,6 +37,7 @@ _ERROR = int(wire.Status.ERROR)
 _OK = int(wire.Status.OK)
 _NONE = int(wire.Status.NONE)
 _GET = ops.GET.code
+_STATUS_NAMES = {_OK: "ok", _NONE: "none", _ERROR: "error"}
 _PIPELINE = ops.PIPELINE.code
 
 
@@ -58,9 +60,10 @@ class Requests:
         self._refuse = refuse
         self._stats = stats
         self._router = bound.router
-        # The request being served (the Context's view of it).
+        # The request being served (the Context's view of it), and its arguments.
         self.routing_id = b""
         self.rid = 0
+        self._decoded: list[Any] = []
 
     # -- serving ---------------------------------------------------------------------------------
 
@@ -103,27 +106,36 @@ class Requests:
             # The most frequent request, on a short path: what ops.GET does (a test checks
             # that both answer alike), without the generic decode and result steps.
             try:
-                entry = self.state.get(args[0].decode("utf-8", "surrogatepass"))
+                key = args[0].decode("utf-8", "surrogatepass")
+                self._decoded = [key]
+                entry = self.state.get(key)
                 status, out = (_NONE, []) if entry is None else (_OK, self.entry_frames(entry))
             except UnicodeDecodeError:
                 status, out = self._apply(op, args)  # (which says what is wrong)
             except Exception as exc:  # a value the owner holds that cannot travel
                 status, out = _ERROR, wire.encode_error(exc)
         elif code == _PIPELINE:
+            self._decoded = []
             status, out = self._pipeline(args)
         else:
             status, out = self._apply(op, args)
             if status < 0:  # one-way, or answered later
+                if self._fanout.monitored:
+                    self._monitor(op, args, status)
                 return
         named = bool(flags & wire.REFS) and op.named_reply
         self._reply(routing_id, rid, status, out, before, named)
+        if self._fanout.monitored:
+            self._monitor(op, args, status)
         if self._blobs is not None and self._blobs.dead:
             self._blobs.sweep()  # after the reply: the client goes on meanwhile
 
     def _apply(self, op: ops.Op[..., Any], frames: list[Any]) -> tuple[int, list[Frame]]:
         """Status and result frames of ``op``; status -1: no reply now."""
+        self._decoded = []
         try:
-            value = op.apply(self, *op.decode(frames))
+            self._decoded = decoded = op.decode(frames)
+            value = op.apply(self, *decoded)
             if op.one_way or value is DEFERRED:
                 return -1, []
             return op.result.reply(value, self)
@@ -165,6 +177,20 @@ class Requests:
                 out_index.append(len(frames))
                 out.extend(frames)
         return _OK, [out_index.tobytes(), *wire.pack_frames(out)]
+
+    def _monitor(self, op: ops.Op[..., Any], frames: list[Any], status: int) -> None:
+        """Describe a request just served, for the monitor (only while someone listens)."""
+        session = self._table.get(self.routing_id[:8])
+        subject = None
+        for kind, value in zip(op.args, self._decoded, strict=False):
+            if kind.key or kind is NAME:  # the key (or the name) it was about
+                subject = value
+                break
+        event = {"time": time.time(), "pid": None if session is None else session.pid,
+                 "op": op.name, "key": subject,
+                 "status": _STATUS_NAMES.get(status, "one-way" if op.one_way
+                                             else "answered later")}
+        self._fanout.monitor(event, self.state.version)
 
     def _reply(self, routing_id: bytes, rid: int, status: int, out: list[Frame],
                before: int, named: bool = False) -> None:
