@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: install demo test fuzz bench bench-quick lint docs soak clean
+.PHONY: install demo test fuzz compat bench bench-quick lint docs soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,16 @@ demo: $(STAMP)  ## a worker pool sharing one store
 
 test: $(STAMP)  ## the whole test suite (every test has a timeout)
 	$(BIN)/python -m pytest
+
+# The oldest pyzmq and cloudpickle that pyproject.toml allows (the newest are in .venv).
+OLDEST := .venv-oldest
+compat:  ## the suite with the oldest pyzmq and cloudpickle that pyproject.toml allows
+	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet "pyzmq==25.0.0" "cloudpickle==2.2.0" \
+		pytest pytest-timeout hypothesis
+	$(OLDEST)/bin/python -m pip install --quiet --no-deps -e .
+	$(OLDEST)/bin/python -c "import zmq, cloudpickle; print('pyzmq', zmq.__version__, 'cloudpickle', cloudpickle.__version__)"
+	$(OLDEST)/bin/python -m pytest -p no:cacheprovider -q
 
 FUZZ_SECONDS ?= 180
 fuzz: $(STAMP)  ## hostile peers with random examples for FUZZ_SECONDS (default 180); prints what it tried
@@ -51,4 +61,4 @@ soak: $(STAMP)  ## 10 minutes of mixed load; memory, fds and threads must stay f
 	$(BIN)/python examples/soak.py --minutes 10
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist site *.egg-info
+	rm -rf $(VENV) $(OLDEST) .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist site *.egg-info

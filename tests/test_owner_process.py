@@ -85,6 +85,31 @@ def _write_and_publish() -> None:
     kv.publish("news", "hello")
 
 
+FORKSERVER_FIRST = """
+import multiprocessing as mp, os
+import zkv
+
+def work(n):
+    kv = zkv.store()   # this worker's forkserver predates the store: found by ancestry
+    return kv.incr("hits"), kv.is_owner, os.environ.get("ZKV_ENDPOINT")
+
+def nothing():
+    pass
+
+if __name__ == "__main__":
+    mp.set_start_method("forkserver")
+    p = mp.Process(target=nothing)   # starts the forkserver before any store exists
+    p.start(); p.join()
+    kv = zkv.store(owner="process")
+    with mp.Pool(2) as pool:
+        results = pool.map(work, range(10))
+    assert sorted(r[0] for r in results) == list(range(1, 11)), results
+    assert not any(r[1] for r in results) and all(r[2] is None for r in results), results
+    assert kv["hits"] == 10 and not kv.is_owner
+    print("ok")
+"""
+
+
 MAIN = """
 import json, os, sys, time, zkv
 kv = zkv.store(owner="process")
@@ -94,6 +119,18 @@ print(json.dumps({"owner": stats["pid"], "endpoint": kv.endpoint,
                   "blobs": str(kv._core.conn.blob_dir)}), flush=True)
 time.sleep(3600)   # until the test kills this process
 """
+
+
+def test_forkserver_started_before_the_store(tmp_path: Path) -> None:
+    """A forkserver's workers find the dedicated owner process through their ancestry: its
+    directory is named after the main process it serves."""
+    script = tmp_path / "forkserver_first.py"
+    script.write_text(textwrap.dedent(FORKSERVER_FIRST))
+    env = {k: v for k, v in os.environ.items() if k != "ZKV_ENDPOINT"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=90)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
 
 
 class TestLifetime:

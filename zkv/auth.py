@@ -85,6 +85,9 @@ class OwnerKeys:
 
     def __init__(self, secret_key: str | bytes,
                  clients: Iterable[str | bytes] | str | os.PathLike[str]) -> None:
+        """``secret_key``: the owner's secret key; ``clients``: the public keys it lets in,
+        or a directory of ``*.key`` files. ValueError names a key that is not a 40-character
+        Z85 CURVE key."""
         object.__setattr__(self, "secret_key", _z85_key(secret_key, "secret_key"))
         if isinstance(clients, (str, os.PathLike)):
             object.__setattr__(self, "clients", Path(clients))
@@ -111,6 +114,8 @@ class ClientKeys:
 
     def __init__(self, server_key: str | bytes, public_key: str | bytes,
                  secret_key: str | bytes) -> None:
+        """ValueError names a key that is not a 40-character Z85 CURVE key, or says that
+        ``public_key`` does not belong to ``secret_key``."""
         object.__setattr__(self, "server_key", _z85_key(server_key, "server_key"))
         object.__setattr__(self, "public_key", _z85_key(public_key, "public_key"))
         object.__setattr__(self, "secret_key", _z85_key(secret_key, "secret_key"))

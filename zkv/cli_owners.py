@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import stat
 import tempfile
 from collections.abc import Mapping
@@ -28,7 +27,6 @@ from .errors import NoOwnerError
 
 __all__ = ["Owner", "TargetError", "format_uptime", "live_owners", "resolve", "search_dirs"]
 
-_OWNER_DIR = re.compile(r"(\d+)-[0-9a-f]+")
 
 
 class TargetError(Exception):
@@ -83,15 +81,15 @@ def live_owners(environ: Mapping[str, str] | None = None) -> list[Owner]:
     for base in search_dirs(environ):
         with contextlib.suppress(OSError):
             for entry in base.iterdir():
-                match = _OWNER_DIR.fullmatch(entry.name)
-                if match is None:
+                pids = endpoint.owner_dir_pids(entry.name)
+                if pids is None:
                     continue
                 sock = entry / "r"
                 try:
                     info = sock.lstat()
                 except OSError:
                     continue
-                pid, address = int(match.group(1)), f"ipc://{sock}"
+                pid, address = pids[0], f"ipc://{sock}"
                 if stat.S_ISSOCK(info.st_mode) and endpoint.pid_alive(pid) \
                         and _listening(address):
                     owners.append(Owner(pid, address, info.st_mtime))

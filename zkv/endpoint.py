@@ -1,7 +1,7 @@
 """Where an owner's sockets live, and how other processes find them.
 
 By default an owner binds ``ipc://`` sockets in a fresh private directory (mode 0700) named
-``<pid>-<random>`` under a per-user runtime directory (also 0700): ``$ZKV_RUNTIME_DIR``, else
+``<pid>-<random>`` (``<main pid>.<owner pid>-<random>`` for a dedicated owner process) under a per-user runtime directory (also 0700): ``$ZKV_RUNTIME_DIR``, else
 ``$XDG_RUNTIME_DIR/zkv``, else ``/tmp/zkv-<uid>``. The request socket is ``<dir>/r``, the publish
 socket ``<dir>/p``; the endpoint string a client uses is ``ipc://<dir>/r``.
 
@@ -9,8 +9,10 @@ Discovery, in order:
 
 1. the ``ZKV_ENDPOINT`` environment variable, which the owner exports so that children inherit it;
 2. in a process that multiprocessing started (fork, spawn, forkserver) only: its ancestors. An
-   owner whose pid is an ancestor of ours has a directory named after its pid (this finds the
-   owner from a forkserver child whose server was started before the store existed). A program
+   owner's directory is named after the pid of the process it serves (its own, or, for a
+   dedicated owner process, the main process that started it: see :func:`owner_dir_pids`), so
+   a worker finds the owner that serves one of its ancestors (even from a forkserver started
+   before the store existed). A program
    started any other way (``subprocess``, a shell) is not a worker: without ``ZKV_ENDPOINT`` it
    joins nothing, and ``zkv.store()`` makes it the owner of its own store.
 
@@ -37,11 +39,13 @@ from .errors import NoOwnerError
 
 __all__ = [
     "ENV_VAR",
+    "SERVES_FOR_VAR",
     "Endpoint",
     "discover",
     "ensure_private_dir",
     "find_ancestor_owner",
     "make_ipc_dir",
+    "owner_dir_pids",
     "parse",
     "pid_alive",
     "remove_ipc_dir",
@@ -51,6 +55,8 @@ __all__ = [
 
 #: The environment variable through which an owner announces its endpoint to its children.
 ENV_VAR = "ZKV_ENDPOINT"
+#: Set (by zkv) in a dedicated owner process only: the pid of the main process it serves.
+SERVES_FOR_VAR = "ZKV_SERVES_FOR"
 
 #: Unix socket paths longer than this do not fit in ``sockaddr_un.sun_path``.
 _MAX_SOCKET_PATH = 107
@@ -108,11 +114,9 @@ def parse(address: str) -> Endpoint:
         path = Path(address[len("ipc://"):])
         if not path.is_absolute() or path.name != _REQ_NAME:
             raise ValueError(f"not a zkv ipc endpoint (expected ipc:///<dir>/r): {address!r}")
-        pid: int | None = None
-        head = path.parent.name.split("-", 1)[0]
-        if head.isdigit():
-            pid = int(head)
-        return Endpoint(address, "ipc", directory=path.parent, pid=pid)
+        pids = owner_dir_pids(path.parent.name)
+        return Endpoint(address, "ipc", directory=path.parent,
+                        pid=None if pids is None else pids[0])
     if address.startswith("tcp://"):
         rest = address[len("tcp://"):]
         host, sep, port = rest.rpartition(":")
@@ -169,7 +173,9 @@ def make_ipc_dir() -> tuple[Path, str, str]:
     address. Stale directories of owners that died without cleaning up are removed first."""
     base = runtime_dir()
     sweep_stale(base)
-    directory = base / f"{os.getpid()}-{secrets.token_hex(4)}"
+    serves_for = os.environ.get(SERVES_FOR_VAR, "")
+    name = f"{serves_for}.{os.getpid()}" if serves_for.isdigit() else str(os.getpid())
+    directory = base / f"{name}-{secrets.token_hex(4)}"
     directory.mkdir(mode=0o700)
     return directory, f"ipc://{directory / _REQ_NAME}", f"ipc://{directory / _PUB_NAME}"
 
@@ -179,15 +185,31 @@ def remove_ipc_dir(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def owner_dir_pids(name: str) -> tuple[int, int] | None:
+    """``(owner pid, pid it serves)`` from the name of an owner's directory, or None if it is
+    not one: ``<pid>-<random>`` for an owner that serves its own process, ``<main pid>.<owner
+    pid>-<random>`` for a dedicated owner process (``owner="process"``), which serves (and is
+    found, by the ancestor search, as) the main process that started it."""
+    head, sep, rest = name.partition("-")
+    if not sep or not rest:
+        return None
+    serves, dot, owner = head.partition(".")
+    if not dot:
+        owner = serves
+    if not (serves.isdigit() and owner.isdigit()):
+        return None
+    return int(owner), int(serves)
+
+
 def sweep_stale(base: Path) -> None:
-    """Remove the directories under ``base`` named ``<pid>-...`` whose owner process is gone."""
+    """Remove the owner directories under ``base`` whose owner process is gone."""
     try:
         entries = list(base.iterdir())
     except OSError:
         return
     for entry in entries:
-        head = entry.name.split("-", 1)[0]
-        if head.isdigit() and not pid_alive(int(head)):
+        pids = owner_dir_pids(entry.name)
+        if pids is not None and not pid_alive(pids[0]):
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -226,11 +248,11 @@ def find_ancestor_owner() -> str | None:
         entries = [e for e in base.iterdir() if (e / _REQ_NAME).exists()]
     except OSError:
         return None
-    by_pid: dict[int, list[Path]] = {}
+    by_pid: dict[int, list[Path]] = {}  # the pid an owner serves -> its directories
     for entry in entries:
-        head = entry.name.split("-", 1)[0]
-        if head.isdigit():
-            by_pid.setdefault(int(head), []).append(entry)
+        pids = owner_dir_pids(entry.name)
+        if pids is not None and pid_alive(pids[0]):
+            by_pid.setdefault(pids[1], []).append(entry)
     pid: int | None = os.getpid()
     seen = set()
     while pid and pid > 1 and pid not in seen:

@@ -316,6 +316,7 @@ class Subscriber:
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`close` (or :meth:`unsubscribe`) was called."""
         return self._closed
 
     def receive_message(self, timeout: float | None = None) -> Message:

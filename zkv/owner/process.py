@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from ..config import Options
+from ..endpoint import SERVES_FOR_VAR
 from ..errors import NoOwnerError
 
 __all__ = ["OwnerProcess", "main", "start"]
@@ -81,6 +82,7 @@ def start(options: Options, address: str | None) -> tuple[str, OwnerProcess]:
     settings = {f.name: _jsonable(getattr(options, f.name))
                 for f in dataclasses.fields(options) if f.name != "owner"}
     env = {k: v for k, v in os.environ.items() if k not in ("ZKV_ENDPOINT", "ZKV_OWNER")}
+    env[SERVES_FOR_VAR] = str(os.getpid())  # its directory is found as this process's
     try:
         proc = subprocess.Popen(
             [sys.executable, "-c", _ENTRY, str(control_r), str(ready_w),

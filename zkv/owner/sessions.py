@@ -61,6 +61,26 @@ class _Session:
         self.fd: int | None = None  # tcp: the connection that said HELLO
 
 
+def _connection_fd(frame: zmq.Frame) -> int | None:
+    """The file descriptor of the connection a message came on (ZMQ_SRCFD), by which a tcp
+    session is ended when its connection drops. libzmq has deprecated the option; where it is
+    gone, None: such a session then ends with its BYE (or when its client's process is seen
+    gone), not with its connection, and a warning says so once."""
+    global _NO_SRCFD_WARNED
+    try:
+        return int(frame.get(zmq.SRCFD))
+    except (AttributeError, ValueError, TypeError, zmq.ZMQError):
+        if not _NO_SRCFD_WARNED:
+            _NO_SRCFD_WARNED = True
+            log.warning("this libzmq cannot tell which connection a message came on "
+                        "(ZMQ_SRCFD): tcp sessions end with their BYE, not when their "
+                        "connection drops")
+        return None
+
+
+_NO_SRCFD_WARNED = False
+
+
 class Sessions:
     """The table of sessions, kept by the loop thread."""
 
@@ -149,8 +169,9 @@ class Sessions:
         peer = ""
         if raw is not None:
             frame = raw[1]
-            record.fd = frame.get(zmq.SRCFD)
-            self._fd_sessions[record.fd] = session
+            record.fd = _connection_fd(frame)
+            if record.fd is not None:
+                self._fd_sessions[record.fd] = session
             peer = f" as {frame.get('User-Id')!r} from {frame.get('Peer-Address')}"
         log.info("zkv session %s: HELLO from pid %d on %s%s", session.hex(), pid, host, peer)
         return {"host": self._hostname, **self._welcome(local)}
