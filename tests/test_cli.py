@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 
 import zkv
-from zkv.testing import wait_for
 from zkv.cli import TOOLS
 from zkv.cli_base import COMMANDS
+from zkv.testing import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ZKV = [sys.executable, "-m", "zkv"]

@@ -1,9 +1,10 @@
 """Where an owner's sockets live, and how other processes find them.
 
 By default an owner binds ``ipc://`` sockets in a fresh private directory (mode 0700) named
-``<pid>-<random>`` (``<main pid>.<owner pid>-<random>`` for a dedicated owner process) under a per-user runtime directory (also 0700): ``$ZKV_RUNTIME_DIR``, else
-``$XDG_RUNTIME_DIR/zkv``, else ``/tmp/zkv-<uid>``. The request socket is ``<dir>/r``, the publish
-socket ``<dir>/p``; the endpoint string a client uses is ``ipc://<dir>/r``.
+``<pid>-<random>`` (``<main pid>.<owner pid>-<random>`` for a dedicated owner process) under a
+per-user runtime directory (also 0700): ``$ZKV_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/zkv``,
+else ``/tmp/zkv-<uid>``. The request socket is ``<dir>/r``, the publish socket ``<dir>/p``; the
+endpoint string a client uses is ``ipc://<dir>/r``.
 
 Discovery, in order:
 
