@@ -37,6 +37,7 @@ _ERROR = int(wire.Status.ERROR)
 _OK = int(wire.Status.OK)
 _NONE = int(wire.Status.NONE)
 _GET = ops.GET.code
+_PUBLISH = ops.PUBLISH.code
 _STATUS_NAMES = {_OK: "ok", _NONE: "none", _ERROR: "error"}
 _PIPELINE = ops.PIPELINE.code
 
@@ -114,6 +115,22 @@ class Requests:
                 status, out = self._apply(op, args)  # (which says what is wrong)
             except Exception as exc:  # a value the owner holds that cannot travel
                 status, out = _ERROR, wire.encode_error(exc)
+        elif code == _PUBLISH and len(args) >= 2 and not len(self._outbox) \
+                and type(args[0]) is bytes:
+            # A publish while nothing else waits to be sent: fanned out at once (what
+            # ops.PUBLISH does through the outbox, where it keeps its place after the change
+            # events queued before it; with none queued, the order is the same).
+            try:
+                channel = args[0].decode("utf-8", "surrogatepass")
+            except UnicodeDecodeError:
+                self._apply(op, args)  # (which refuses it, saying why)
+                return
+            self._decoded = [channel]
+            self._fanout.before_sending()
+            self._fanout.publish(channel, args[1:], self.state.version)
+            if self._fanout.monitored:
+                self._monitor(op, args, -1)
+            return
         elif code == _PIPELINE:
             self._decoded = []
             status, out = self._pipeline(args)
