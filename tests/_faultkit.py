@@ -7,6 +7,7 @@ pytest or hypothesis): 32 spawned workers start in a fraction of the time.
 from __future__ import annotations
 
 import functools
+import gc
 import multiprocessing as mp
 import os
 import random
@@ -62,6 +63,9 @@ def _owner_main(conn: Connection, options: dict[str, Any]) -> None:
             break
         if what == "stats":
             conn.send(kv.stats())
+        elif what == "blocks":  # Python's allocated memory blocks, after a collection
+            gc.collect()
+            conn.send(sys.getallocatedblocks())
         elif what == "close":
             kv.close()
             conn.send("closed")
@@ -94,6 +98,14 @@ class OwnerProcess:
 
     def status(self) -> dict[str, int]:
         return proc_status(self.pid)
+
+    def blocks(self) -> int:
+        """The owner process's count of allocated Python memory blocks (objects and the
+        buffers they own): unlike its resident memory, it goes back down when they are freed."""
+        self._conn.send("blocks")
+        if not self._conn.poll(30):
+            raise RuntimeError("the owner process did not answer within 30 s")
+        return self._conn.recv()  # type: ignore[no-any-return]
 
     def kill(self) -> float:
         """SIGKILL the owner; return the monotonic time just before the signal."""
