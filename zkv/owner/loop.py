@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from .. import reentry
 from ..codec import SMALL
 from ..config import Options
 from ..locks import LockTable
-from ..sockets import poll, recv_request
+from ..sockets import recv_request
 from ..state import Entry, State
 from .binding import Bound, bind
 from .fanout import Fanout
@@ -131,11 +132,20 @@ class Owner:
         self.outbox.loop_thread = threading.get_ident()
         bound = self.bound
         router, xpub, waker = bound.router, bound.xpub, self.outbox.waker
-        items: list[Any] = [(router, _POLLIN), (xpub, _POLLIN), (waker.fd, _POLLIN)]
         tcp = bound.zap is not None
+        # One wait for everything: select.poll on the sockets' file descriptors and the
+        # waker's pipe (cheaper per wake-up than zmq_poll). A ZeroMQ socket's descriptor
+        # signals a change, not a level, so what is queued is always taken (EVENTS) before
+        # waiting again.
+        watched: list[zmq.Socket[Any]] = [router, xpub]
         if tcp:
-            items += [(bound.zap, _POLLIN), (bound.monitor, _POLLIN),
-                      (bound.xpub_monitor, _POLLIN)]
+            assert bound.zap is not None and bound.monitor is not None
+            assert bound.xpub_monitor is not None
+            watched += [bound.zap, bound.monitor, bound.xpub_monitor]
+        waiter = select.poll()
+        for sock in watched:
+            waiter.register(int(sock.getsockopt(zmq.FD)), select.POLLIN)
+        waiter.register(waker.fd, select.POLLIN)
         self._ready.set()
         next_tick = time.monotonic() + TICK
         try:
@@ -144,25 +154,29 @@ class Owner:
                 if now >= next_tick:
                     self._tick(now)
                     next_tick = now + TICK
-                wait = next_tick - now
+                busy = False
+                if router.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+                    self._serve(router, tcp)
+                    busy = True
+                if xpub.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]
+                    self.fanout.read_subscriptions(self.state.version, self._flush_all)
+                    busy = True
+                if tcp:
+                    self.sessions.answer_zap()
+                    self.sessions.read_monitor()
+                if len(self.outbox):
+                    self._flush(_FLUSH_BATCH)
+                    busy = True
+                if busy:
+                    continue  # (look again before waiting: more may have come meanwhile)
+                wait = next_tick - time.monotonic()
                 if self.locks.waiting:
                     nearest = self.locks.expire(now)
                     if nearest is not None:
                         wait = min(wait, nearest - now)
-                if len(self.outbox):
-                    wait = 0
-                for sock, _events in poll(items, max(0, int(wait * 1000) + 1) if wait else 0):
-                    if sock is router:
-                        self._serve(router, tcp)
-                    elif sock is xpub:
-                        self.fanout.read_subscriptions(self.state.version, self._flush_all)
-                    elif sock == waker.fd:
+                for fd, _events in waiter.poll(max(1, int(wait * 1000) + 1)):
+                    if fd == waker.fd:
                         waker.drain()
-                    else:  # tcp: a ZAP request or a connection event
-                        self.sessions.answer_zap()
-                        self.sessions.read_monitor()
-                if len(self.outbox):
-                    self._flush(_FLUSH_BATCH)
         except BaseException:  # a bug; keep the traceback
             log.exception("zkv owner loop crashed")
             raise
