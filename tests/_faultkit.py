@@ -6,12 +6,15 @@ pytest or hypothesis): 32 spawned workers start in a fraction of the time.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import multiprocessing as mp
 import os
 import random
 import signal
+import struct
 import sys
+import termios
 import time
 import traceback
 from collections.abc import Callable
@@ -25,6 +28,7 @@ __all__ = [
     "CTX",
     "OwnerProcess",
     "proc_status",
+    "socket_backlog",
 ]
 
 #: Start method for the processes of these tests: spawn works the same everywhere (no fork of
@@ -45,6 +49,24 @@ def proc_status(pid: int) -> dict[str, int]:
                 out["threads"] = int(line.split()[1])
     out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
     return out
+
+
+def socket_backlog() -> int:
+    """Bytes this process has written into its sockets that their peers have not read yet
+    (the largest such backlog of any one socket): ``SIOCOUTQ`` on every socket descriptor.
+
+    A process calls it on itself to tell that a message it sent is partly in the kernel (its
+    peer is stopped, say) -- that is, in flight, neither delivered whole nor still all here."""
+    most = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            out = fcntl.ioctl(int(name), termios.TIOCOUTQ, struct.pack("i", 0))  # = SIOCOUTQ
+        except OSError:  # gone meanwhile, or not a socket that keeps a send queue
+            continue
+        most = max(most, struct.unpack("i", out)[0])
+    return most
 
 
 # -- an owner in a child process -------------------------------------------------------------------

@@ -361,7 +361,7 @@ class TestLifecycle:
         started = time.monotonic()
         with pytest.raises(zkv.OwnerGoneError):
             client["a"]
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 20  # far under the 60 s timeout
         client.close()
 
     def test_store_is_one_object(self, kv: zkv.Store) -> None:
@@ -422,7 +422,8 @@ class TestBadKeys:
                     started = time.monotonic()
                     with pytest.raises(TypeError):
                         call(client)
-                    assert time.monotonic() - started < 2, name
+                    # anything sent would wait for the 30 s timeout
+                    assert time.monotonic() - started < 10, name
             finally:
                 owner.resume()
                 client.close()
