@@ -113,26 +113,37 @@ def _threads_read_your_writes(q: Any) -> None:
     q.put(stale)
 
 
-def _writer(key: str, count: int) -> None:
+def _writer(key: str, count: int, written: Any) -> None:
     kv = zkv.store()
     for i in range(count):
         kv.set(key, i)
+        written.value = i + 1  # shared memory: how many sets have returned
     kv.set(key + ".done", True)
 
 
-def _monotonic_reader(q: Any, key: str) -> None:
+def _monotonic_reader(q: Any, key: str, written: Any) -> None:
     kv = zkv.store()
     kv.enable_cache("c.")
+    kv.get(key)
+    q.put("ready")
     last = -1
     backwards = 0
     reads = 0
-    while not kv.get(key + ".done", False) or last != kv.get(key):
+    overlapped = 0  # reads during which the writer completed a set
+    seen = set()
+    deadline = time.monotonic() + 30
+    while (not kv.get(key + ".done", False) or last != kv.get(key)) \
+            and time.monotonic() < deadline:
+        before = written.value
         value = kv.get(key, -1)
         reads += 1
+        overlapped += written.value != before and 0 < before
+        seen.add(value)
         if value < last:
             backwards += 1
         last = max(last, value)
-    q.put((backwards, last, reads))
+    q.put({"backwards": backwards, "last": last, "reads": reads, "overlapped": overlapped,
+           "distinct": len(seen), "cache": kv.cache_info()})
 
 
 class TestCoherence:
@@ -155,20 +166,31 @@ class TestCoherence:
 
     @pytest.mark.timeout(90)
     def test_values_never_go_back_in_time(self, kv: zkv.Store) -> None:
+        """Two caching readers spin on a key while another process overwrites it 2000 times:
+        neither ever reads a value older than one it read before, and both end on the last."""
         kv["c.k"] = -1
         q = CTX.Queue()
-        readers = [CTX.Process(target=_monotonic_reader, args=(q, "c.k")) for _ in range(2)]
+        written = CTX.Value("q", 0, lock=False)
+        readers = [CTX.Process(target=_monotonic_reader, args=(q, "c.k", written))
+                   for _ in range(2)]
         for r in readers:
             r.start()
-        writer = CTX.Process(target=_writer, args=("c.k", 2000))
+        assert [q.get(timeout=60) for _ in readers] == ["ready", "ready"]  # caching, reading
+        writer = CTX.Process(target=_writer, args=("c.k", 2000, written))
         writer.start()
         writer.join(60)
+        assert writer.exitcode == 0
         results = [q.get(timeout=60) for _ in readers]
         for r in readers:
             r.join(30)
-        for backwards, last, _reads in results:
-            assert backwards == 0
-            assert last == 1999  # the final write became visible
+        for result in results:
+            assert result["backwards"] == 0, result
+            assert result["last"] == 1999, result  # the final write became visible
+            # What makes it a race: the reader read while the writer wrote, saw many of its
+            # values, and served reads from its cache in between invalidations.
+            assert result["overlapped"] >= 10, result
+            assert result["distinct"] >= 5, result
+            assert result["cache"]["hits"] > 0 and result["cache"]["misses"] > 0, result
 
 
 KEY = "c." + "k" * 2000 + ".{}"  # long keys: the backlog outgrows the kernel's socket buffers
