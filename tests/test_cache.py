@@ -21,9 +21,8 @@ def _cached_reader(q: Any, key: str, rounds: int) -> None:
     kv = zkv.store()
     kv.enable_cache("c.")
     first = kv.get(key)
-    for _ in range(rounds):
-        kv.get(key)
-    q.put((first, kv.cache_info()))
+    reads = [kv.get(key) for _ in range(rounds)]
+    q.put((first, reads, kv.cache_info()))
     # Wait until another process's write becomes visible through the cache.
     deadline = time.monotonic() + 20
     while kv.get(key) == first and time.monotonic() < deadline:
@@ -39,9 +38,9 @@ class TestCachedReads:
         q = CTX.Queue()
         proc = CTX.Process(target=_cached_reader, args=(q, "c.x", 1000))
         proc.start()
-        first, info = q.get(timeout=30)
-        assert first == "old"
-        assert info["hits"] >= 1000 and info["misses"] == 1
+        first, reads, info = q.get(timeout=30)
+        assert first == "old" and reads == ["old"] * 1000
+        assert info["hits"] >= 1000 and info["misses"] == 1  # served from the cache
         kv["c.x"] = "new"  # the owner writes; the reader's cache must drop "old"
         assert q.get(timeout=30) == "new"
         proc.join(30)
