@@ -136,16 +136,20 @@ def call_in_child(ctx: mp.context.BaseContext, fn: Callable[..., Any], *args: An
     proc = ctx.Process(target=_call_main, args=(child_end, fn, args))
     proc.start()
     child_end.close()
+    answered = False
     try:
         if not parent_end.poll(timeout):
             raise AssertionError(f"child {fn.__name__} gave no answer within {timeout}s")
         status, value = parent_end.recv()
+        answered = True
     finally:
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-        parent_end.close()
+        try:
+            proc.join(timeout if answered else 0)
+        finally:  # even if the test's own timeout interrupts the join: no child outlives it
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+            parent_end.close()
     if status != "ok":
         raise AssertionError(f"child {fn.__name__} failed: {value}")
     assert proc.exitcode == 0, f"child exited with {proc.exitcode}"
