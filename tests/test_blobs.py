@@ -7,11 +7,14 @@ refused and change nothing."""
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import pickle
 import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,6 +195,79 @@ class TestRaces:
             assert client.get("big2") == kv["big2"] == _big(4, 2 * MB)
         finally:
             client.close()
+
+
+OTHER_UID = 65534  # nobody: a user that is not this one
+
+#: Run in a mount namespace of its own whose /dev/shm is a fresh tmpfs (see below): make the
+#: per-user blob base as argv[1] says, start an owner, have a client set a large value, and
+#: print what was made in the base and how the value travelled.
+BASE_SCRIPT = """
+import json, os, sys, zkv
+base = f"/dev/shm/zkv-{os.getuid()}"
+os.mkdir(base, 0o700)
+if sys.argv[1] == "theirs":
+    os.chown(base, 65534, 65534)
+elif sys.argv[1] != "private":
+    os.chmod(base, int(sys.argv[1], 8))
+with zkv.serve() as owner, zkv.connect(owner.endpoint) as client:
+    client.set("big", b"b" * (2 << 20))
+    files = owner.stats()["blob_files"]
+    intact = client.get("big") == b"b" * (2 << 20)
+    print(json.dumps({"made": os.listdir(base), "blob_files": files, "intact": intact}))
+"""
+
+
+def _own_shm(tmp_path: Path, how: str) -> dict[str, Any]:
+    """Run BASE_SCRIPT with a private /dev/shm (unshare(1) makes a mount namespace: the
+    machine's /dev/shm, which other owners of this user share, is left alone)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to give an owner a /dev/shm of its own")
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ZKV_")},
+           "ZKV_RUNTIME_DIR": str(runtime)}
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           'mount -t tmpfs zkv-test /dev/shm && exec "$@"', "sh",
+                           sys.executable, "-c", BASE_SCRIPT, how],
+                          capture_output=True, text=True, env=env, timeout=60)
+    if done.returncode != 0 and "mount" in done.stderr and "zkv" not in done.stderr:
+        pytest.skip(f"cannot mount a tmpfs in a new mount namespace: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+class TestPrivateDirectory:
+    """Blob directories are as private as the sockets: an owner makes none in a per-user base
+    that others could open or that belongs to someone else, and a client uses none that is
+    not a private directory of its own user; large values then simply go by socket."""
+
+    def test_owner_uses_a_private_base(self, tmp_path: Path) -> None:
+        got = _own_shm(tmp_path, "private")  # the control: here it does make one, and use it
+        assert len(got["made"]) == 1 and got["blob_files"] == 1 and got["intact"]
+
+    @pytest.mark.parametrize("how", ["755", "750", "701", "theirs"])
+    def test_owner_refuses_a_base_not_private(self, tmp_path: Path, how: str) -> None:
+        got = _own_shm(tmp_path, how)
+        assert got == {"made": [], "blob_files": 0, "intact": True}
+
+    @pytest.mark.parametrize("how", ["750", "701", "theirs"])
+    def test_client_refuses_a_directory_not_private(self, kv: zkv.Store, blob_dir: Path,
+                                                    how: str) -> None:
+        value = _big(5, 2 * MB)
+        with zkv.connect(kv.endpoint) as before:  # the control: it does use the directory
+            before.set("before", value)
+            assert kv.stats()["blob_files"] == 1
+            if how == "theirs":
+                if os.geteuid() != 0:
+                    pytest.skip("needs root to give the directory to another user")
+                os.chown(blob_dir, OTHER_UID, OTHER_UID)
+            else:
+                blob_dir.chmod(int(how, 8))
+            with zkv.connect(kv.endpoint) as after:
+                after.set("after", value)
+                assert kv.stats()["blob_files"] == 1  # it went by socket
+                assert after.get("after") == value == kv["after"]
 
 
 @pytest.fixture

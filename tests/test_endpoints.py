@@ -26,6 +26,10 @@ from zkv import wire
 
 #: Seconds: generous for a loaded 2-core machine (a fraction of a second is expected).
 QUICK = 20.0
+#: A user that is not this one (nobody), for directories that belong to someone else.
+OTHER_UID = 65534
+#: Where ipc owners of this user make their blob directories (see zkv.blobs).
+SHM_BASE = Path(f"/dev/shm/zkv-{os.getuid()}")
 
 
 def _mode(path: Path) -> int:
@@ -61,15 +65,56 @@ class TestSocketFiles:
                 client["a"] = 1
             assert owner["a"] == 1
 
-    def test_runtime_dir_open_to_others_is_refused(self, tmp_path: Path,
+    @pytest.mark.parametrize("mode", [0o755, 0o750, 0o710, 0o701])
+    def test_runtime_dir_open_to_others_is_refused(self, tmp_path: Path, mode: int,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
         shared = tmp_path / "shared"
-        shared.mkdir(mode=0o755)
-        shared.chmod(0o755)
+        shared.mkdir()
+        shared.chmod(mode)  # even only traversable (x): others could reach a socket in it
         monkeypatch.setenv("ZKV_RUNTIME_DIR", str(shared))
         with pytest.raises(PermissionError, match="chmod 700"):
             zkv.serve()
         assert "ZKV_ENDPOINT" not in os.environ
+        assert list(shared.iterdir()) == []  # nothing was made in it
+
+    def test_runtime_dir_of_another_user_is_refused(self, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+        if os.geteuid() != 0:
+            pytest.skip("needs root to make a directory that belongs to another user")
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, OTHER_UID, OTHER_UID)
+        monkeypatch.setenv("ZKV_RUNTIME_DIR", str(theirs))
+        with pytest.raises(PermissionError, match=f"belongs to uid {OTHER_UID}"):
+            zkv.serve()
+        assert "ZKV_ENDPOINT" not in os.environ
+        assert list(theirs.iterdir()) == []
+
+    def test_killed_owners_directories_are_removed_by_the_next_owner(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A SIGKILLed owner leaves its socket and blob directories behind; the next owner of
+        the same user removes them as it starts, and leaves those of live owners alone."""
+        runtime = tmp_path / "runtime"
+        runtime.mkdir(mode=0o700)
+        monkeypatch.setenv("ZKV_RUNTIME_DIR", str(runtime))
+        with owner_process() as dead, owner_process() as alive:
+            left = []
+            for owner in (dead, alive):
+                assert owner.directory is not None
+                blob_dir = SHM_BASE / owner.directory.name
+                with zkv.connect(owner.endpoint) as client:
+                    client.set("big", b"x" * (2 << 20))  # a file in the blob directory
+                assert blob_dir.is_dir() and os.listdir(blob_dir)
+                left.append((owner.directory, blob_dir))
+            dead.kill()
+            dead.proc.join(10)
+            assert all(path.exists() for path in left[0])  # a killed owner cleans nothing
+            with zkv.serve() as successor:
+                assert successor.endpoint.startswith(f"ipc://{runtime}/")
+                assert not any(path.exists() for path in left[0]), "the dead owner's are left"
+                assert all(path.exists() for path in left[1]), "a live owner's were removed"
+            with zkv.connect(alive.endpoint) as client:
+                assert client.get("big") == b"x" * (2 << 20)
 
     def test_nothing_left_after_close(self) -> None:
         owner = zkv.serve()
