@@ -217,6 +217,30 @@ class TestRefusedPeers:
             good.close()
 
 
+class TestClientKeysWhileServing:
+    """Adding a client's key file lets that client in, and deleting it refuses the client's new
+    connections, without restarting the owner; a connection already open stays."""
+
+    def test_add_then_revoke(self, tmp_path: Path) -> None:
+        directory = tmp_path / "k"
+        keygen.make_keys(directory)
+        with zkv.serve(LOOPBACK, keys=directory) as owner:
+            zkv.connect(owner.endpoint, keys=directory / "client").close()  # keys read now
+            keygen.make_client(directory, "carol")  # added while the owner serves
+            carol = zkv.connect(owner.endpoint, keys=directory / "carol")
+            try:
+                carol["from-carol"] = 1
+                assert owner["from-carol"] == 1
+                (directory / "clients" / "carol.key").unlink()
+                with pytest.raises(zkv.AuthenticationError, match="refused this client's key"):
+                    zkv.connect(owner.endpoint, keys=directory / "carol")
+                carol["still"] = 2  # on the connection opened before
+                assert owner["still"] == 2
+            finally:
+                carol.close()
+            zkv.connect(owner.endpoint, keys=directory / "client").close()  # others: served
+
+
 # -- a tcp store across processes --------------------------------------------------------------
 
 
