@@ -27,8 +27,11 @@ from zkv.testing import wait_for
 from zkv.wire import Op, Status
 
 FORK = mp.get_context("fork")
-KEYS = 400
-SIZE = 4096  # bytes per value: each generation is one message of about 1.6 MB
+SIZE = 4096  # bytes per value
+#: Keys per generation: each generation is one message of at least 1.6 MB, and at least 8
+#: times what the kernel lets a socket have in flight (so a message can be caught half-way).
+with open("/proc/sys/net/core/wmem_default") as _fh:
+    KEYS = max(400, 8 * int(_fh.read()) // SIZE)
 
 
 @pytest.fixture

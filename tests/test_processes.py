@@ -394,7 +394,7 @@ class TestForkSafety:
             assert sub.receive(timeout=30) == "from-child"
             wait_for(lambda: (tmp_path / f"{os.getpid()}-from-child").exists(), timeout=30,
                      what="the parent's callback")
-            assert client.get("c.x") == "new"
+            wait_for(lambda: client.get("c.x") == "new", timeout=30, what="the invalidation")
             sub.close()
         finally:
             client.close()
