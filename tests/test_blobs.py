@@ -139,26 +139,29 @@ class TestRoundTrip:
                 client.close()
 
 
-def _overwrite(endpoint: str, rounds: int, written: Any) -> None:
+def _overwrite(endpoint: str, rounds: int, progress: Any) -> None:
     kv = zkv.connect(endpoint)
     wait_for(lambda: kv.get("reader-ready"), timeout=30, what="the reader")
     for i in range(rounds):
+        progress[0] = i + 1  # shared memory: overwrites started...
         kv.set("race", bytes([i % 251]) * (2 * MB))
-        written.value = i + 1  # shared memory: how many overwrites have returned
+        progress[1] = i + 1  # ...and returned
     kv.set("race-done", True)
     kv.close()
 
 
-def _read_while_overwritten(endpoint: str, written: Any) -> dict[str, int]:
+def _read_while_overwritten(endpoint: str, progress: Any) -> dict[str, int]:
     kv = zkv.connect(endpoint)
     assert kv._core.conn.blob_dir is not None, "the owner offered no blob directory"
     reads = overlapped = 0
     seen = set()
     kv.set("reader-ready", True)
     while not kv.get("race-done", False) or reads < 20:
-        before = written.value
+        returned_before = progress[1]
         value = kv.get("race")
-        overlapped += written.value != before  # an overwrite returned during this read
+        # An overwrite was under way during this read: one that had not returned when the
+        # read began had started by the time it ended.
+        overlapped += progress[0] > returned_before
         assert len(value) == 2 * MB and value.count(value[:1]) == len(value), "torn value"
         seen.add(value[0])
         reads += 1
@@ -173,11 +176,12 @@ class TestRaces:
     def test_reader_racing_overwrites_never_gets_a_torn_value(self, kv: zkv.Store,
                                                               blob_dir: Path) -> None:
         kv.set("race", b"\0" * (2 * MB))
-        written = SPAWN.Value("q", 0, lock=False)
-        writer = SPAWN.Process(target=_overwrite, args=(kv.endpoint, 300, written))
+        progress = SPAWN.Array("q", 2, lock=False)  # overwrites started, returned
+        writer = SPAWN.Process(target=_overwrite, args=(kv.endpoint, 300, progress))
         writer.start()  # it starts writing once the reader reads
         try:
-            got = call_in_child(SPAWN, _read_while_overwritten, kv.endpoint, written, timeout=60)
+            got = call_in_child(SPAWN, _read_while_overwritten, kv.endpoint, progress,
+                                timeout=60)
         finally:
             writer.join(60)
         assert writer.exitcode == 0

@@ -112,15 +112,16 @@ def _threads_read_your_writes(q: Any) -> None:
     q.put(stale)
 
 
-def _writer(key: str, count: int, written: Any) -> None:
+def _writer(key: str, count: int, progress: Any) -> None:
     kv = zkv.store()
     for i in range(count):
+        progress[0] = i + 1  # shared memory: sets started...
         kv.set(key, i)
-        written.value = i + 1  # shared memory: how many sets have returned
+        progress[1] = i + 1  # ...and returned
     kv.set(key + ".done", True)
 
 
-def _monotonic_reader(q: Any, key: str, written: Any) -> None:
+def _monotonic_reader(q: Any, key: str, progress: Any) -> None:
     kv = zkv.store()
     kv.enable_cache("c.")
     kv.get(key)
@@ -128,15 +129,15 @@ def _monotonic_reader(q: Any, key: str, written: Any) -> None:
     last = -1
     backwards = 0
     reads = 0
-    overlapped = 0  # reads during which the writer completed a set
+    overlapped = 0  # reads during which a set was under way
     seen = set()
     deadline = time.monotonic() + 30
     while (not kv.get(key + ".done", False) or last != kv.get(key)) \
             and time.monotonic() < deadline:
-        before = written.value
+        returned_before = progress[1]
         value = kv.get(key, -1)
         reads += 1
-        overlapped += written.value != before and 0 < before
+        overlapped += progress[0] > returned_before  # one not returned had started by now
         seen.add(value)
         if value < last:
             backwards += 1
@@ -169,13 +170,13 @@ class TestCoherence:
         neither ever reads a value older than one it read before, and both end on the last."""
         kv["c.k"] = -1
         q = CTX.Queue()
-        written = CTX.Value("q", 0, lock=False)
-        readers = [CTX.Process(target=_monotonic_reader, args=(q, "c.k", written))
+        progress = CTX.Array("q", 2, lock=False)  # the writer's sets started, returned
+        readers = [CTX.Process(target=_monotonic_reader, args=(q, "c.k", progress))
                    for _ in range(2)]
         for r in readers:
             r.start()
         assert [q.get(timeout=60) for _ in readers] == ["ready", "ready"]  # caching, reading
-        writer = CTX.Process(target=_writer, args=("c.k", 2000, written))
+        writer = CTX.Process(target=_writer, args=("c.k", 2000, progress))
         writer.start()
         writer.join(60)
         assert writer.exitcode == 0

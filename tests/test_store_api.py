@@ -243,7 +243,8 @@ class TestBatches:
 
         thread = threading.Thread(target=write)
         thread.start()
-        overlapped = reads = 0  # reads during which a set_many returned; all reads
+        # Reads during which a set_many was applied (and returned): they raced it closely.
+        overlapped = reads = 0
         try:
             deadline = time.monotonic() + 30
             while overlapped < 50 and time.monotonic() < deadline:
