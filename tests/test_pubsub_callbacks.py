@@ -258,7 +258,8 @@ def _raising_child() -> None:
 
 
 class TestRemoveCallback:
-    """``remove_callback`` stops delivery at once; registering again starts afresh."""
+    """``remove_callback`` stops delivery (a message being dispatched at that moment may still
+    reach it); registering again starts afresh."""
 
     def test_removed_callback_gets_nothing_more(self, kv: zkv.Store) -> None:
         removed: list[int] = []
