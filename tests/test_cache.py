@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import pytest
+from store_helpers import stop_process
 
 import zkv
 from zkv.testing import wait_for
@@ -202,7 +203,7 @@ def _idle_then_read(q: Any, go: Any) -> None:
     for i in range(50):
         kv.get(KEY.format(i))
     q.put("cached")
-    go.wait(30)  # the owner overwrites everything while this process does not read
+    go.recv()  # the test stops this process meanwhile, and the owner overwrites everything
     # The owner's writes returned before its invalidations left it: they arrive within the
     # staleness window, or, those that were lost, through the sync that finds the loss.
     deadline = time.monotonic() + 10
@@ -217,24 +218,40 @@ class TestLostInvalidations:
     """Invalidations lost to the high-water mark drop the whole cache instead of going stale."""
 
     def test_overflow_flushes_the_cache(self) -> None:
-        with zkv.testing.private_store(hwm=20) as kv:
+        """The loss no later message can show: the last invalidations of a burst. The reader
+        is stopped (SIGSTOP) while the owner writes, so that what reaches it is only the start
+        of the burst, up to what its queues and the kernel hold (a few hundred of these
+        messages; the rest is dropped); nothing after the loss arrives to show a gap in the
+        numbering. Only the sync that a large backlog triggers can find it."""
+        # hwm=200, not smaller: with a tiny hwm the owner may also drop the replies to the
+        # reader's requests (see test_faults_limits.py, TestHighWaterMark).
+        with zkv.testing.private_store(hwm=200) as kv:
             for i in range(50):
                 kv[KEY.format(i)] = "old"
-            q, go = CTX.Queue(), CTX.Event()
-            proc = CTX.Process(target=_idle_then_read, args=(q, go))
+            q = CTX.Queue()
+            go, go_child = CTX.Pipe(duplex=False)[::-1]  # (a pipe: no lock to hold when stopped)
+            proc = CTX.Process(target=_idle_then_read, args=(q, go_child))
             proc.start()
-            assert q.get(timeout=30) == "cached"
-            # First fill the reader's pipe with invalidations of other keys, then change the
-            # cached keys: their invalidations are the ones lost, at the end of the backlog,
-            # where no later message shows the gap. Only the sync can find it.
-            for j in range(2000):
-                kv[KEY.format(f"filler{j}")] = j
-            for round_ in range(40):
-                for i in range(50):
-                    kv[KEY.format(i)] = f"new{round_}"
-            go.set()
-            values, info = q.get(timeout=30)
-            proc.join(30)
+            try:
+                assert q.get(timeout=30) == "cached"
+                assert proc.pid is not None
+                stop_process(proc.pid)  # it reads nothing now, not even in ZeroMQ's threads
+                try:
+                    # Fill the reader's pipe with invalidations of other keys, then change the
+                    # cached keys: all of their invalidations are lost, at the end.
+                    for j in range(2000):
+                        kv[KEY.format(f"filler{j}")] = j
+                    for round_ in range(40):
+                        for i in range(50):
+                            kv[KEY.format(i)] = f"new{round_}"
+                    go.send("go")
+                finally:
+                    os.kill(proc.pid, signal.SIGCONT)
+                values, info = q.get(timeout=30)
+                proc.join(30)
+            finally:
+                if proc.is_alive():
+                    proc.kill()
             assert values == ["new39"] * 50
             assert info["flushes"] >= 1  # the loss was seen, not papered over
 
