@@ -17,8 +17,24 @@ install: $(STAMP)  ## create .venv: zkv (editable) with its test, lint and docs 
 demo: $(STAMP)  ## a worker pool sharing one store
 	$(BIN)/python examples/pool_demo.py
 
-test: $(STAMP)  ## the whole test suite (every test has a timeout)
-	$(BIN)/python -m pytest
+# Every run of `make test` keeps its results, whatever the outcome, in .test-results/<time>-<pid>/
+# (junit.xml, pytest.log with -rA and the slowest tests, exit-status); .test-results/latest
+# points to the newest run and the 20 newest runs are kept. A failing run still fails `make test`.
+# Extra pytest arguments: make test PYTEST_ARGS="-k lock -x".
+RESULTS     := .test-results
+PYTEST_ARGS ?=
+
+test: $(STAMP)  ## the whole test suite (every test has a timeout); results kept in .test-results/
+	@run=$(RESULTS)/$$(date +%Y%m%d-%H%M%S)-$$$$; mkdir -p $$run; \
+	{ echo "# make test: $$(date '+%F %T') commit $$(git rev-parse --short HEAD 2>/dev/null)" \
+	       "cores $$(nproc 2>/dev/null) load $$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"; \
+	  $(BIN)/python -m pytest -rA --durations=25 --junitxml=$$run/junit.xml $(PYTEST_ARGS) 2>&1; \
+	  echo $$? > $$run/exit-status; } | tee $$run/pytest.log; \
+	ln -sfn $$(basename $$run) $(RESULTS)/latest; \
+	ls -1d $(RESULTS)/2*/ | head -n -20 | xargs -r rm -rf; \
+	status=$$(cat $$run/exit-status 2>/dev/null || echo 1); \
+	echo "make test: exit status $$status; results in $$run/ (pytest.log, junit.xml)"; \
+	exit $$status
 
 # The oldest pyzmq and cloudpickle that pyproject.toml allows (the newest are in .venv).
 OLDEST := .venv-oldest

@@ -75,7 +75,7 @@ def wait_until_all_reloaded(replies: zkv.Subscriber, version: int) -> None:
 
 
 def all_working_with(kv: zkv.Store, factor: int) -> bool:
-    return all(kv[f"work:w{i}"]["factor"] == factor for i in range(WORKERS))
+    return all(kv.get(f"work:w{i}", {}).get("factor") == factor for i in range(WORKERS))
 
 
 def main() -> int:

@@ -6,13 +6,17 @@ pytest or hypothesis): 32 spawned workers start in a fraction of the time.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import gc
 import multiprocessing as mp
 import os
 import random
 import signal
+import struct
 import sys
+import termios
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -21,11 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import zkv
+from zkv.testing import wait_for
 
 __all__ = [
     "CTX",
     "OwnerProcess",
     "proc_status",
+    "socket_backlog",
 ]
 
 #: Start method for the processes of these tests: spawn works the same everywhere (no fork of
@@ -46,6 +52,24 @@ def proc_status(pid: int) -> dict[str, int]:
                 out["threads"] = int(line.split()[1])
     out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
     return out
+
+
+def socket_backlog() -> int:
+    """Bytes this process has written into its sockets that their peers have not read yet
+    (the largest such backlog of any one socket): ``SIOCOUTQ`` on every socket descriptor.
+
+    A process calls it on itself to tell that a message it sent is partly in the kernel (its
+    peer is stopped, say) -- that is, in flight, neither delivered whole nor still all here."""
+    most = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            out = fcntl.ioctl(int(name), termios.TIOCOUTQ, struct.pack("i", 0))  # = SIOCOUTQ
+        except OSError:  # gone meanwhile, or not a socket that keeps a send queue
+            continue
+        most = max(most, struct.unpack("i", out)[0])
+    return most
 
 
 # -- an owner in a child process -------------------------------------------------------------------
@@ -260,34 +284,55 @@ def _sleep_a_minute(marker: str, value: int) -> int:
 
 # -- clients that get killed -----------------------------------------------------------------------
 
+def write_generation(kv: zkv.Store, how: str, g: int, keys: int, pad: bytes) -> None:
+    """Write generation ``g`` to ``keys`` keys in one message: a ``set_many`` of ``gen:<i>``
+    (each value ``(g, pad)``), or a pipeline that sets ``pipe:<i>`` likewise and counts the
+    generation in ``pipe:count``."""
+    if how == "set_many":
+        kv.set_many({f"gen:{i}": (g, pad) for i in range(keys)})
+    else:
+        with kv.pipeline() as p:
+            for i in range(keys):
+                p.set(f"pipe:{i}", (g, pad))
+            p.incr("pipe:count")
+
+
 @_report_errors
-def generation_writer(endpoint: str, keys: int, size: int, ready: Any) -> None:
-    """Forever: write generation g to ``keys`` keys in one set_many (one message), each value
-    ``(g, padding)``, then the next generation. Killed at a random moment by the test."""
+def generation_writer(endpoint: str, how: str, keys: int, size: int, progress: Any) -> None:
+    """Forever: write the next generation (see :func:`write_generation`). ``progress`` (shared
+    memory) says where it is: ``2g - 1`` while the call for generation g runs, ``2g`` once it
+    has returned. Killed by the test at a moment it picks."""
     kv = zkv.connect(endpoint)
     pad = b"x" * size
     g = 0
     while True:
         g += 1
-        kv.set_many({f"gen:{i}": (g, pad) for i in range(keys)})
-        if g == 2:
-            ready.put(os.getpid())
+        progress.value = 2 * g - 1
+        write_generation(kv, how, g, keys, pad)
+        progress.value = 2 * g
 
 
 @_report_errors
-def pipeline_writer(endpoint: str, keys: int, size: int, ready: Any) -> None:
-    """Like :func:`generation_writer`, through a Pipeline that also counts each generation."""
-    kv = zkv.connect(endpoint)
-    pad = b"y" * size
-    g = 0
-    while True:
-        g += 1
-        with kv.pipeline() as p:
-            for i in range(keys):
-                p.set(f"pipe:{i}", (g, pad))
-            p.incr("pipe:count")
-        if g == 2:
-            ready.put(os.getpid())
+def mid_message_writer(endpoint: str, how: str, keys: int, size: int, conn: Connection) -> None:
+    """Write generations 1 and 2 (see :func:`write_generation`) and say so; when told (the
+    owner is stopped then), send generation 3, and report that this process is in the middle
+    of sending it -- part of the message is in the kernel, unread by the owner, the rest still
+    queued here -- with the bytes in the kernel. Killed by the test after that."""
+    kv = zkv.connect(endpoint, timeout=120)
+    pad = b"x" * size
+    for g in (1, 2):
+        write_generation(kv, how, g, keys, pad)
+    conn.send("written")
+    conn.recv()
+
+    def report() -> None:
+        in_kernel = wait_for(socket_backlog, timeout=60, interval=0.001,
+                             what="part of the message in the kernel")
+        conn.send(("mid-message", in_kernel))
+
+    threading.Thread(target=report, daemon=True).start()
+    write_generation(kv, how, 3, keys, pad)  # the owner is stopped: no answer comes
+    conn.send(("answered", 0))
 
 
 # -- stress ---------------------------------------------------------------------------------------

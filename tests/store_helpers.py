@@ -20,7 +20,8 @@ import zkv
 from zkv import endpoint as zkv_endpoint
 from zkv.testing import wait_for
 
-__all__ = ["OwnerProcess", "call_in_child", "owner_process", "socket_dirs_of"]
+__all__ = ["OwnerProcess", "all_threads_stopped", "call_in_child", "owner_process",
+           "socket_dirs_of", "stop_process"]
 
 
 def _owner_main(conn: mp.connection.Connection, hold_lock: str | None,
@@ -59,16 +60,11 @@ class OwnerProcess:
     def stop(self) -> None:
         """SIGSTOP the owner and wait until every one of its threads is really stopped (the
         signal is delivered asynchronously)."""
-        os.kill(self.pid, signal.SIGSTOP)
+        stop_process(self.pid)
 
-        def stopped() -> bool:
-            for tid in os.listdir(f"/proc/{self.pid}/task"):
-                with open(f"/proc/{self.pid}/task/{tid}/stat", "rb") as fh:
-                    if fh.read().rsplit(b")", 1)[-1].split()[0] not in (b"T", b"t"):
-                        return False
-            return True
-
-        wait_for(stopped, timeout=10, what="the owner to stop")
+    def running(self) -> bool:
+        """Whether some thread of the owner is not stopped."""
+        return not all_threads_stopped(self.pid)
 
     def resume(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
@@ -78,6 +74,22 @@ class OwnerProcess:
         self.conn.send(command)
         self.proc.join(timeout)
         return self.proc.exitcode
+
+
+def all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped (by SIGSTOP)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat", "rb") as fh:
+            if fh.read().rsplit(b")", 1)[-1].split()[0] not in (b"T", b"t"):
+                return False
+    return True
+
+
+def stop_process(pid: int) -> None:
+    """SIGSTOP process ``pid`` and wait until every one of its threads is really stopped (the
+    signal is delivered asynchronously)."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: all_threads_stopped(pid), timeout=10, what=f"process {pid} to stop")
 
 
 @contextlib.contextmanager
@@ -124,16 +136,20 @@ def call_in_child(ctx: mp.context.BaseContext, fn: Callable[..., Any], *args: An
     proc = ctx.Process(target=_call_main, args=(child_end, fn, args))
     proc.start()
     child_end.close()
+    answered = False
     try:
         if not parent_end.poll(timeout):
             raise AssertionError(f"child {fn.__name__} gave no answer within {timeout}s")
         status, value = parent_end.recv()
+        answered = True
     finally:
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(5)
-        parent_end.close()
+        try:
+            proc.join(timeout if answered else 0)
+        finally:  # even if the test's own timeout interrupts the join: no child outlives it
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+            parent_end.close()
     if status != "ok":
         raise AssertionError(f"child {fn.__name__} failed: {value}")
     assert proc.exitcode == 0, f"child exited with {proc.exitcode}"

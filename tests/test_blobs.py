@@ -7,11 +7,14 @@ refused and change nothing."""
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import pickle
 import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,6 +83,8 @@ def _held(path: Path) -> list[str]:
 
 
 class TestRoundTrip:
+    """Large values go by file and come back intact; files live as long as their values."""
+
     def test_large_values_go_by_file_and_come_back_intact(self, kv: zkv.Store,
                                                           blob_dir: Path) -> None:
         files = call_in_child(SPAWN, _child_sets, kv.endpoint)
@@ -135,36 +140,54 @@ class TestRoundTrip:
                 client.close()
 
 
-def _overwrite(endpoint: str, rounds: int) -> None:
+def _overwrite(endpoint: str, rounds: int, progress: Any) -> None:
     kv = zkv.connect(endpoint)
+    wait_for(lambda: kv.get("reader-ready"), timeout=30, what="the reader")
     for i in range(rounds):
+        progress[0] = i + 1  # shared memory: overwrites started...
         kv.set("race", bytes([i % 251]) * (2 * MB))
+        progress[1] = i + 1  # ...and returned
     kv.set("race-done", True)
     kv.close()
 
 
-def _read_while_overwritten(endpoint: str) -> int:
+def _read_while_overwritten(endpoint: str, progress: Any) -> dict[str, int]:
     kv = zkv.connect(endpoint)
-    reads = 0
+    assert kv._core.conn.blob_dir is not None, "the owner offered no blob directory"
+    reads = overlapped = 0
+    seen = set()
+    kv.set("reader-ready", True)
     while not kv.get("race-done", False) or reads < 20:
+        returned_before = progress[1]
         value = kv.get("race")
+        # An overwrite was under way during this read: one that had not returned when the
+        # read began had started by the time it ended.
+        overlapped += progress[0] > returned_before
         assert len(value) == 2 * MB and value.count(value[:1]) == len(value), "torn value"
+        seen.add(value[0])
         reads += 1
     kv.close()
-    return reads
+    return {"reads": reads, "overlapped": overlapped, "distinct": len(seen)}
 
 
 class TestRaces:
+    """A reader racing overwrites, or files removed behind zkv's back, never gets a wrong
+    value."""
+
     def test_reader_racing_overwrites_never_gets_a_torn_value(self, kv: zkv.Store,
                                                               blob_dir: Path) -> None:
         kv.set("race", b"\0" * (2 * MB))
-        writer = SPAWN.Process(target=_overwrite, args=(kv.endpoint, 300))
-        writer.start()
+        progress = SPAWN.Array("q", 2, lock=False)  # overwrites started, returned
+        writer = SPAWN.Process(target=_overwrite, args=(kv.endpoint, 300, progress))
+        writer.start()  # it starts writing once the reader reads
         try:
-            reads = call_in_child(SPAWN, _read_while_overwritten, kv.endpoint, timeout=60)
+            got = call_in_child(SPAWN, _read_while_overwritten, kv.endpoint, progress,
+                                timeout=60)
         finally:
             writer.join(60)
-        assert writer.exitcode == 0 and reads >= 20
+        assert writer.exitcode == 0
+        # The race happened: reads overlapped overwrites, and saw many of them.
+        assert got["overlapped"] >= 10 and got["distinct"] >= 10, got
 
     def test_files_removed_behind_zkvs_back_fall_back_to_the_socket(
             self, kv: zkv.Store, blob_dir: Path) -> None:
@@ -177,6 +200,79 @@ class TestRaces:
             assert client.get("big2") == kv["big2"] == _big(4, 2 * MB)
         finally:
             client.close()
+
+
+OTHER_UID = 65534  # nobody: a user that is not this one
+
+#: Run in a mount namespace of its own whose /dev/shm is a fresh tmpfs (see below): make the
+#: per-user blob base as argv[1] says, start an owner, have a client set a large value, and
+#: print what was made in the base and how the value travelled.
+BASE_SCRIPT = """
+import json, os, sys, zkv
+base = f"/dev/shm/zkv-{os.getuid()}"
+os.mkdir(base, 0o700)
+if sys.argv[1] == "theirs":
+    os.chown(base, 65534, 65534)
+elif sys.argv[1] != "private":
+    os.chmod(base, int(sys.argv[1], 8))
+with zkv.serve() as owner, zkv.connect(owner.endpoint) as client:
+    client.set("big", b"b" * (2 << 20))
+    files = owner.stats()["blob_files"]
+    intact = client.get("big") == b"b" * (2 << 20)
+    print(json.dumps({"made": os.listdir(base), "blob_files": files, "intact": intact}))
+"""
+
+
+def _own_shm(tmp_path: Path, how: str) -> dict[str, Any]:
+    """Run BASE_SCRIPT with a private /dev/shm (unshare(1) makes a mount namespace: the
+    machine's /dev/shm, which other owners of this user share, is left alone)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to give an owner a /dev/shm of its own")
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("ZKV_")},
+           "ZKV_RUNTIME_DIR": str(runtime)}
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                           'mount -t tmpfs zkv-test /dev/shm && exec "$@"', "sh",
+                           sys.executable, "-c", BASE_SCRIPT, how],
+                          capture_output=True, text=True, env=env, timeout=60)
+    if done.returncode != 0 and "mount" in done.stderr and "zkv" not in done.stderr:
+        pytest.skip(f"cannot mount a tmpfs in a new mount namespace: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+class TestPrivateDirectory:
+    """Blob directories are as private as the sockets: an owner makes none in a per-user base
+    that others could open or that belongs to someone else, and a client uses none that is
+    not a private directory of its own user; large values then simply go by socket."""
+
+    def test_owner_uses_a_private_base(self, tmp_path: Path) -> None:
+        got = _own_shm(tmp_path, "private")  # the control: here it does make one, and use it
+        assert len(got["made"]) == 1 and got["blob_files"] == 1 and got["intact"]
+
+    @pytest.mark.parametrize("how", ["755", "750", "701", "theirs"])
+    def test_owner_refuses_a_base_not_private(self, tmp_path: Path, how: str) -> None:
+        got = _own_shm(tmp_path, how)
+        assert got == {"made": [], "blob_files": 0, "intact": True}
+
+    @pytest.mark.parametrize("how", ["750", "701", "theirs"])
+    def test_client_refuses_a_directory_not_private(self, kv: zkv.Store, blob_dir: Path,
+                                                    how: str) -> None:
+        value = _big(5, 2 * MB)
+        with zkv.connect(kv.endpoint) as before:  # the control: it does use the directory
+            before.set("before", value)
+            assert kv.stats()["blob_files"] == 1
+            if how == "theirs":
+                if os.geteuid() != 0:
+                    pytest.skip("needs root to give the directory to another user")
+                os.chown(blob_dir, OTHER_UID, OTHER_UID)
+            else:
+                blob_dir.chmod(int(how, 8))
+            with zkv.connect(kv.endpoint) as after:
+                after.set("after", value)
+                assert kv.stats()["blob_files"] == 1  # it went by socket
+                assert after.get("after") == value == kv["after"]
 
 
 @pytest.fixture
@@ -202,6 +298,8 @@ def _spilled_set(sock: zmq.Socket[Any], entries: list[tuple[int, int, bytes]]) -
 
 
 class TestHostileSpills:
+    """Spill indexes naming files that zkv did not make are refused and change nothing."""
+
     @pytest.mark.parametrize("name", [b"../../../../etc/passwd", b"0" * 31 + b"/", b"A" * 32,
                                       b"0" * 32])
     def test_bad_or_missing_names(self, kv: zkv.Store, blob_dir: Path,

@@ -6,6 +6,7 @@ ZeroMQ, and the owner keeps serving everyone else."""
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -130,3 +131,34 @@ def test_raw_oversized_frame_disconnects_the_sender(small: zkv.Store, client: zk
     assert small.stats()["topics"] == 0
     client.set("after", 1)
     assert client.get("after") == 1
+
+
+class TestHighWaterMark:
+    """``hwm`` bounds what waits for a client socket that does not read; a client that reads
+    its replies never loses one, whatever the hwm (a request has one reply outstanding)."""
+
+    def test_replies_are_not_dropped_while_the_owner_is_busy(self) -> None:
+        with private_store(hwm=1) as owner:
+            owner["k"] = 1
+            stop = threading.Event()
+            publisher = zkv.connect(owner.endpoint)
+
+            def publish_flat_out() -> None:
+                n = 0
+                while not stop.is_set():
+                    try:
+                        publisher.publish("noise", n)
+                    except zkv.ZkvTimeoutError:  # (its queue to the owner full a whole timeout)
+                        pass
+                    n += 1
+
+            flood = threading.Thread(target=publish_flat_out)
+            flood.start()
+            try:
+                with zkv.connect(owner.endpoint, timeout=2) as client:
+                    for _ in range(2000):  # it has always failed within 100
+                        assert client.get("k") == 1
+            finally:
+                stop.set()
+                flood.join(30)
+                publisher.close()

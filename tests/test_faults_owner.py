@@ -24,7 +24,13 @@ import zkv
 from zkv.testing import wait_for
 
 HAMMERS = 4
-FAST = 3.0  # seconds: "fails fast" (the request timeout of every client is 60 s)
+REQUEST_TIMEOUT = 60.0  # seconds: every client's request timeout (see _faultkit)
+#: "Fails fast": well under REQUEST_TIMEOUT, and wide enough for a loaded 2-core machine (a
+#: fraction of a second is expected: the clients check the owner every 0.1 s).
+FAST = 15.0
+#: "At once": a call on a store that already knows its owner is gone (or a close) sends
+#: nothing and waits for nothing; anything like a timeout would take REQUEST_TIMEOUT.
+AT_ONCE = 10.0
 
 
 def _collect(results: Any, count: int, what: str) -> list[tuple[Any, ...]]:
@@ -43,6 +49,7 @@ def test_owner_death_fails_every_client_fast(how: str, tmp_path: Path) -> None:
     owner = OwnerProcess()
     ready, results, new_endpoints = CTX.Queue(), CTX.Queue(), CTX.Queue()
     procs = []
+    parent: zkv.Store | None = None
     try:
         parent = zkv.connect(owner.endpoint, timeout=60)
         held = parent.lock("held-by-parent")
@@ -54,8 +61,9 @@ def test_owner_death_fails_every_client_fast(how: str, tmp_path: Path) -> None:
         for proc in procs:
             proc.start()
         _collect(ready, len(procs), "ready")
-        # Pending for sure: the waiter is queued on the lock, and (kill) the owner is stuck in
-        # a slow modify, so every hammer's request is waiting for its reply.
+        # Pending for sure: the waiter is queued on the lock, the subscriber is receiving, and
+        # (kill) the owner is stuck in a slow modify, so the hammers' requests pile up waiting
+        # for their replies.
         wait_for(lambda: owner.stats()["locks"] >= 2, timeout=30, what="lock waiter queued")
         wait_for(lambda: owner.stats()["subscriptions"] >= 1, timeout=30, what="subscription")
         if how == "kill":  # a close() would wait for the owner's busy thread; a kill does not
@@ -71,11 +79,17 @@ def test_owner_death_fails_every_client_fast(how: str, tmp_path: Path) -> None:
         first = _collect(results, len(procs), "their first error")
         for role, pid, (start, end, error), (n_start, n_end, n_error) in first:
             assert error == "OwnerGoneError", (role, pid, error)
-            if how == "kill" or role != "hammer":  # (a hammer may be between two calls)
+            if role != "hammer":  # (a hammer may be between two calls)
                 assert start < t_dead, f"{role} had no call pending when the owner died"
             assert end - t_dead < FAST, f"{role}: pending call failed {end - t_dead:.2f}s late"
             assert n_error == "OwnerGoneError", (role, pid, n_error)
-            assert n_end - n_start < 1.0, f"{role}: next call took {n_end - n_start:.2f}s"
+            assert n_end - n_start < AT_ONCE, f"{role}: next call took {n_end - n_start:.2f}s"
+        if how == "kill":
+            # The owner was stuck long enough for hammers to be waiting for replies. (One whose
+            # reply was still on its way when the owner got stuck may only start its next call
+            # as the owner dies: that call shows the "next call" case instead.)
+            pending = [r for r in first if r[0] == "hammer" and r[2][0] < t_dead]
+            assert pending, "no hammer had a call pending when the owner died"
         with pytest.raises(zkv.OwnerGoneError):
             parent.get("anything")
 
@@ -86,13 +100,14 @@ def test_owner_death_fails_every_client_fast(how: str, tmp_path: Path) -> None:
             for role, _pid, got, (_s, _e, still), close_took in second:
                 assert got == role, f"{role} could not use the new owner"
                 assert still == "OwnerGoneError", f"{role}: the old store said {still}"
-                assert close_took < 2.0
+                assert close_took < AT_ONCE
             for proc in procs:
                 proc.join(30)
                 assert proc.exitcode == 0, f"a client exited with {proc.exitcode}"
             assert fresh.stats()["keys"] == len(procs)
-        parent.close()
     finally:
+        if parent is not None:
+            parent.close()
         for proc in procs:
             if proc.is_alive():
                 proc.kill()
@@ -134,7 +149,7 @@ def test_crashed_poller_thread_counts_as_owner_gone(kv: zkv.Store,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     """Should the owner's poller thread ever die of a bug, its process lives on but nobody
     serves the store: clients get OwnerGoneError at once, not at the end of their timeout."""
-    client = zkv.connect(kv.endpoint, timeout=60)
+    client = zkv.connect(kv.endpoint, timeout=REQUEST_TIMEOUT)
     try:
         client.set("k", 1)
         kv._core.owner.sessions.check = _poller_bug  # type: ignore[method-assign]  # loop, 0.1 s

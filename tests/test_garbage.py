@@ -6,6 +6,7 @@ but wrong requests get an error reply (or are refused) and change nothing."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import pickle
@@ -494,14 +495,22 @@ def test_memory_stays_flat_under_garbage(ctx: zmq.Context[Any]) -> None:
         _garbage_round(ctx, owner.endpoint, rng)  # warm-up: allocator pools, caches
         wait_for(lambda: owner.stats()["topics"] == 0, timeout=15, what="topics forgotten")
         before, stats_before = owner.status(), owner.stats()
+        rss = [before["rss_kb"]]
         for _ in range(ROUNDS):
             _garbage_round(ctx, owner.endpoint, rng)
             check_serving(good, rng.random())
+            rss.append(owner.status()["rss_kb"])
         wait_for(lambda: owner.stats()["topics"] == 0, timeout=15, what="topics forgotten")
         after, stats_after = owner.status(), owner.stats()
         good.close()
     assert stats_after["refused"] > stats_before["refused"] + ROUNDS * 40 * 20
     assert stats_after["sessions"] == stats_before["sessions"]
-    assert after["rss_kb"] - before["rss_kb"] < 8 * 1024, (before, after)
+    # A leak grows the owner round after round; the allocator may also take a step once (a new
+    # arena, a larger pool) whatever the load. So the typical (median) growth of a round must
+    # be small -- about 20 kB is seen; 256 kB is 100 bytes per hostile message -- and the
+    # whole run's growth bounded even with such a step.
+    steps = sorted(b - a for a, b in itertools.pairwise(rss))
+    assert steps[len(steps) // 2] < 256, (rss, after)
+    assert after["rss_kb"] - before["rss_kb"] < 32 * 1024, (rss, after)
     assert after["fds"] <= before["fds"] + 4, (before, after)
     assert after["threads"] == before["threads"]

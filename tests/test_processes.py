@@ -5,6 +5,8 @@ many processes use one store at once without losing an update or crossing replie
 from __future__ import annotations
 
 import concurrent.futures
+import gc
+import inspect
 import multiprocessing as mp
 import os
 import subprocess
@@ -19,6 +21,7 @@ import zmq
 from store_helpers import call_in_child, owner_process
 
 import zkv
+from zkv.testing import wait_for
 
 # -- functions run in children (module level: every start method can import them) -------------
 
@@ -101,42 +104,165 @@ def _use_inherited_store() -> dict[str, Any]:
             "value": _INHERITED.get("from-owner")}
 
 
+def _spy_on_zmq(parents: set[int]) -> tuple[list[str], list[str], list[str]]:
+    """Record every call into pyzmq that zkv can make from now on: the methods of sockets,
+    contexts and pollers (pyzmq's Python classes and the compiled ones beneath them), and any
+    of those compiled methods that a zkv module or class keeps a reference to (zkv's
+    ``sockets.raw_send`` skips pyzmq's Python wrapper). Returns three lists, filled as calls
+    happen: calls on a context in ``parents`` (ids) or on its sockets, calls on any other
+    context or socket, and references to pyzmq methods that zkv keeps where they cannot be
+    spied on (default arguments, closures): the spy would miss those calls."""
+    theirs: list[str] = []
+    ours: list[str] = []
+    hidden: list[str] = []
+
+    def record(name: str, target: Any) -> None:
+        context = target if isinstance(target, zmq.backend.Context) else \
+            getattr(target, "context", None)
+        (theirs if id(context) in parents else ours).append(name)
+
+    def spied(name: str, original: Any) -> Any:
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            record(name, self)
+            return original(self, *args, **kwargs)
+        return call
+
+    compiled: dict[int, str] = {}
+    for python_cls, compiled_cls in ((zmq.Socket, zmq.backend.Socket),
+                                     (zmq.Context, zmq.backend.Context)):
+        names = set()
+        for cls in (compiled_cls, python_cls):
+            for name, value in vars(cls).items():
+                if name.startswith("__") or not callable(value) or \
+                        isinstance(value, (type, classmethod, staticmethod)):
+                    continue
+                names.add(name)
+                if cls is compiled_cls:
+                    compiled[id(value)] = f"{cls.__name__}.{name}"
+        for name in sorted(names):
+            setattr(python_cls, name, spied(f"{python_cls.__name__}.{name}",
+                                            getattr(python_cls, name)))
+
+    def spied_poll(name: str, original: Any, sockets: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            for sock in sockets(*args):
+                if isinstance(sock, zmq.backend.Socket):
+                    record(name, sock)
+            return original(*args, **kwargs)
+        return call
+
+    for name in ("register", "modify", "unregister", "poll"):
+        setattr(zmq.Poller, name, spied_poll(f"Poller.{name}", getattr(zmq.Poller, name),
+                                             lambda poller, *rest: [s for s, _ in
+                                                                    poller.sockets]
+                                             + [r for r in rest[:1]]))
+    zmq_poll = zmq.zmq_poll
+    compiled[id(zmq_poll)] = "zmq_poll"
+    zmq.zmq_poll = spied_poll("zmq_poll", zmq_poll, lambda items, *rest: [i[0] for i in items])
+
+    for module_name, module in list(sys.modules.items()):
+        if module_name != "zkv" and not module_name.startswith("zkv."):
+            continue
+        for attr, value in list(vars(module).items()):
+            if id(value) in compiled:  # e.g. wire.raw_send
+                wrap = spied_poll if value is zmq_poll else None
+                setattr(module, attr, spied(f"{module_name}.{attr}", value) if wrap is None
+                        else spied_poll(f"{module_name}.{attr}", value,
+                                        lambda items, *rest: [i[0] for i in items]))
+                continue
+            holders = [value] if inspect.isfunction(value) else []
+            if isinstance(value, type) and value.__module__ == module_name:
+                for name, member in list(vars(value).items()):
+                    if id(member) in compiled:
+                        setattr(value, name, spied(f"{attr}.{name}", member))
+                    elif inspect.isfunction(member):
+                        holders.append(member)
+            for fn in holders:
+                kept = [*(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values(),
+                        *(c.cell_contents for c in fn.__closure__ or () if
+                          c.cell_contents is not None)]
+                hidden.extend(f"{module_name}.{fn.__qualname__}: {compiled[id(v)]}"
+                              for v in kept if id(v) in compiled)
+    return theirs, ours, hidden
+
+
 def _fork_child_touches() -> dict[str, Any]:
     """In a forked child: record every use of the parent's ZeroMQ context or sockets while the
-    child uses, then closes, its stores."""
+    child uses its stores (the one it inherited, the process-wide one and a new one: requests,
+    a lock, pub/sub, callbacks, a read cache), then closes them and collects the garbage."""
     parents = {id(c) for c in _PARENT_CONTEXTS}
-    touches: list[str] = []
+    touches, own, hidden = _spy_on_zmq(parents)
 
-    def watch(cls: type, name: str, owner_of: Any) -> None:
-        original = getattr(cls, name)
-
-        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-            if id(owner_of(self)) in parents:
-                touches.append(f"{cls.__name__}.{name}")
-            return original(self, *args, **kwargs)
-        setattr(cls, name, wrapper)
-
-    for name in ("send", "recv", "send_multipart", "recv_multipart", "poll", "close",
-                 "connect", "bind", "setsockopt", "getsockopt", "subscribe"):
-        watch(zmq.Socket, name, lambda s: s.context)
-    for name in ("socket", "term", "destroy"):
-        watch(zmq.Context, name, lambda c: c)
-
-    kv = zkv.store()
-    kv.set("child", os.getpid())
-    kv.incr("n")
     inherited = _INHERITED
     assert inherited is not None
-    inherited.incr("n")
+    kv = zkv.store()
+    fresh = zkv.connect()
+    for store in (inherited, kv, fresh):
+        store.set("child", os.getpid())
+        store.incr("n")
     with kv.lock("child-lock"):
         pass
-    child_contexts = {id(kv._core.context), id(inherited._core.context)}
+    got: list[Any] = []
+    inherited.on_subscriber_receive("child-news")(got.append)
+    inherited.enable_cache("cached.")
+    with fresh.subscribe("child-news") as sub:
+        inherited.publish("child-news", "hi")
+        assert sub.receive(timeout=30) == "hi"
+    wait_for(lambda: got == ["hi"], timeout=30, what="the child's callback")
+    assert inherited.get("cached.k") is None and inherited.get("cached.k") is None
+    child_contexts = {id(store._core.context) for store in (inherited, kv, fresh)}
+    fresh.close()
     kv.close()
     inherited.close()
-    import gc
     gc.collect()
-    return {"touches": touches, "fresh_context": not (child_contexts & parents),
-            "is_owner": kv.is_owner}
+    return {"touches": touches, "hidden": hidden, "own": sorted(set(own)),
+            "fresh_context": not (child_contexts & parents), "is_owner": kv.is_owner}
+
+
+#: Set by a test before it forks, read by the forked child.
+_FORKED: dict[str, Any] = {}
+
+
+def _leave_mark(data: Any) -> None:
+    """A callback: leaves a file named after the process that ran it and the message."""
+    (Path(_FORKED["marks"]) / f"{os.getpid()}-{data}").touch()
+
+
+def _child_after_fork() -> dict[str, Any]:
+    """In a forked child: what it inherited of its parent's subscriber, callback and read
+    cache (nothing: each is closed, gone or empty), observed through the store's API."""
+    client, sub = _FORKED["client"], _FORKED["sub"]
+    out: dict[str, Any] = {"pid": os.getpid(), "sub_closed": sub.closed}
+    try:
+        sub.receive(timeout=5)
+        out["receive"] = "received"
+    except zkv.StoreClosedError:
+        out["receive"] = "closed"
+    out["cache"] = client.cache_info()
+    # Another process changes the key the parent cached. Its invalidation goes to the parent's
+    # cache socket: a copy of the parent's cache here would go on answering "old".
+    with zkv.connect(client.endpoint) as other:
+        other.set("c.x", "new")
+    out["get"] = client.get("c.x")
+    out["removed"] = client.remove_callback(_leave_mark)
+    # A callback of the child's own, registered after the parent's: for one message the
+    # dispatcher runs callbacks in registration order, so once this one has run, a copy of the
+    # parent's would have run before it (and left a mark with this process's pid).
+    got: list[Any] = []
+    client.on_subscriber_receive("news")(got.append)
+    client.publish("news", "from-child")
+    wait_for(lambda: got == ["from-child"], timeout=30, what="the child's own callback")
+    out["marks"] = sorted(os.listdir(_FORKED["marks"]))
+    return out
+
+
+def _check_child_touches(result: dict[str, Any]) -> None:
+    assert result["hidden"] == [], "zkv reaches pyzmq where the spy cannot see: extend it"
+    # The spy sees zkv's sends and receives (on the child's own sockets): it can catch them.
+    assert any("send" in name for name in result["own"]), result["own"]
+    assert any("recv" in name for name in result["own"]), result["own"]
+    assert result["touches"] == []
+    assert result["fresh_context"] is True and result["is_owner"] is False
 
 
 # -- tests -----------------------------------------------------------------------------------------
@@ -190,6 +316,9 @@ class TestForkSafety:
     def test_child_of_owner(self, kv: zkv.Store) -> None:
         global _INHERITED
         kv.set("from-owner", 1)
+        # What a fork could wrongly reuse: the owner's subscriber and callback sockets too.
+        sub = kv.subscribe("parent-news")
+        kv.on_subscriber_receive("parent-news")(print)
         _INHERITED = kv
         _PARENT_CONTEXTS[:] = [kv._core.context]
         try:
@@ -197,8 +326,11 @@ class TestForkSafety:
         finally:
             _INHERITED = None
             _PARENT_CONTEXTS.clear()
-        assert result == {"touches": [], "fresh_context": True, "is_owner": False}
-        assert kv["n"] == 2
+        _check_child_touches(result)
+        assert kv["n"] == 3
+        kv.publish("parent-news", "still here")
+        assert sub.receive(timeout=30) == "still here"
+        sub.close()
         kv.set("after", 1)  # the parent's own sockets still serve
         with zkv.connect(kv.endpoint) as client:
             assert client.get("after") == 1
@@ -215,18 +347,57 @@ class TestForkSafety:
                 parent.set("from-owner", 7)
                 with parent.lock("warm"):  # open sockets in more than one thread
                     threading.Thread(target=parent.get, args=("x",)).start()
+                # ...and a subscriber, a callback and a read cache, each with its socket.
+                sub = parent.subscribe("parent-news")
+                parent.on_subscriber_receive("parent-news")(print)
+                parent.enable_cache("cached.")
+                parent.get("cached.k")
                 _INHERITED = parent
                 _PARENT_CONTEXTS[:] = [parent._core.context]
                 for _ in range(3):
                     result = call_in_child(mp.get_context("fork"), _fork_child_touches)
-                    assert result == {"touches": [], "fresh_context": True, "is_owner": False}
-                assert parent.get("n") == 6
+                    _check_child_touches(result)
+                assert parent.get("n") == 9
+                parent.publish("parent-news", "still here")
+                assert sub.receive(timeout=30) == "still here"
+                sub.close()
                 parent.set("after", 2)
                 assert parent.get("after") == 2
             finally:
                 _INHERITED = None
                 _PARENT_CONTEXTS.clear()
                 parent.close()
+
+    def test_subscribers_callbacks_and_cache_are_not_inherited(self, kv: zkv.Store,
+                                                               tmp_path: Path) -> None:
+        """A forked child inherits its parent's store but not its subscriber (closed there),
+        callback (not called there) or read cache (empty there); the parent keeps all three."""
+        kv["c.x"] = "old"
+        client = zkv.connect(kv.endpoint)
+        try:
+            client.enable_cache("c.")
+            assert client.get("c.x") == "old" and client.cache_info()["entries"] == 1
+            sub = client.subscribe("news")
+            client.on_subscriber_receive("news")(_leave_mark)
+            _FORKED.update(client=client, sub=sub, marks=str(tmp_path))
+            try:
+                child = call_in_child(mp.get_context("fork"), _child_after_fork)
+            finally:
+                _FORKED.clear()
+            assert child["sub_closed"] and child["receive"] == "closed"
+            assert child["cache"] == {"hits": 0, "misses": 0, "entries": 0, "flushes": 0}
+            assert child["get"] == "new"
+            assert child["removed"] == 0
+            assert not [m for m in child["marks"] if m.startswith(f"{child['pid']}-")]
+            # The parent's three are intact: its subscriber and callback got the child's
+            # message, and its cache took the invalidation.
+            assert sub.receive(timeout=30) == "from-child"
+            wait_for(lambda: (tmp_path / f"{os.getpid()}-from-child").exists(), timeout=30,
+                     what="the parent's callback")
+            wait_for(lambda: client.get("c.x") == "new", timeout=30, what="the invalidation")
+            sub.close()
+        finally:
+            client.close()
 
     def test_module_level_store_in_forked_pool(self, kv: zkv.Store) -> None:
         """A store object made in the parent before forking keeps working in fork workers."""

@@ -44,13 +44,13 @@ def _capture_warnings() -> _Warnings:
     return handler
 
 
-def _slow_subscriber() -> None:
+def _slow_subscriber(go: Any) -> None:
     """Subscribe, then read nothing until told to; then read up to the first mark."""
     kv = zkv.store()
     warnings = _capture_warnings()
     with kv.subscribe("flood") as sub:
         kv.set("slow.ready", True)
-        wait_for(lambda: kv.get("slow.go"), 60, what="go")
+        assert go.wait(60)  # (an Event: no requests to the owner while it floods)
         received = 0
         while True:
             message = sub.receive_message(timeout=30)
@@ -97,7 +97,8 @@ class TestSlowSubscriber:
     def test_slow_child_loses_counts_and_warns_fast_ones_get_everything(self) -> None:
         fork = mp.get_context("fork")
         with private_store(hwm=HWM) as kv:
-            slow = fork.Process(target=_slow_subscriber)
+            go = fork.Event()
+            slow = fork.Process(target=_slow_subscriber, args=(go,))
             fast = fork.Process(target=_fast_subscriber)
             slow.start()
             fast.start()
@@ -111,7 +112,7 @@ class TestSlowSubscriber:
                     own_seqs += [mine.receive_message(timeout=30).seq for _ in range(BATCH)]
                     assert acks.receive(timeout=30) == batch
                 published = BATCHES * BATCH
-                kv.set("slow.go", True)
+                go.set()
                 slow_result = _publish_marks_until(kv, "slow.result", published)
                 fast.join(30)
                 slow.join(30)
@@ -134,7 +135,7 @@ class TestSlowSubscriber:
                 assert "hwm=100" in slow_result["warnings"][0]
 
 
-def _slow_callbacks() -> None:
+def _slow_callbacks(go_event: Any) -> None:
     """A callback that blocks until told to go, then counts messages up to the first mark."""
     kv = zkv.store()
     warnings = _capture_warnings()
@@ -153,7 +154,7 @@ def _slow_callbacks() -> None:
         received.append(None)
 
     kv.set("slow.ready", True)
-    wait_for(lambda: kv.get("slow.go"), 60, what="go")
+    assert go_event.wait(60)  # (an Event: no requests to the owner while it floods)
     go.set()
     assert done.wait(30)
     mark = received.pop()
@@ -169,13 +170,14 @@ class TestSlowCallbacks:
     def test_blocked_callback_counts_exactly(self) -> None:
         fork = mp.get_context("fork")
         with private_store(hwm=HWM) as kv:
-            slow = fork.Process(target=_slow_callbacks)
+            go = fork.Event()
+            slow = fork.Process(target=_slow_callbacks, args=(go,))
             slow.start()
             wait_for(lambda: kv.get("slow.ready"), 30, what="child registered")
             published = BATCHES * BATCH
             for _ in range(published):
                 kv.publish("flood", PAYLOAD)
-            kv.set("slow.go", True)
+            go.set()
             result = _publish_marks_until(kv, "slow.result", published)
             slow.join(30)
             assert slow.exitcode == 0

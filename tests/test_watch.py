@@ -8,6 +8,7 @@ pipelines included -- in the order the owner applied them, and nothing for other
 from __future__ import annotations
 
 import multiprocessing as mp
+import multiprocessing.connection
 import threading
 from typing import Any
 
@@ -206,3 +207,45 @@ class TestOnChange:
         assert proc.exitcode == 0
         assert kv["seen"] == [("cfg.level", "set", "debug"), ("cfg.n", "set", 1),
                               ("cfg.level", "delete", None)]
+
+
+def _watch_once(conn: mp.connection.Connection) -> None:
+    """In a child: watch "k", say so, and report the first change event and its number."""
+    kv = zkv.store()
+    with kv.watch("k") as watch:
+        conn.send("watching")
+        message = watch.receive_message(timeout=30)
+    conn.send((message.data.value, message.seq))
+
+
+class TestEventsOnlyWhileWatched:
+    """Change events exist only while someone watches: writes made while nobody watches a key
+    make none, so the events of a key are numbered 1, 2, 3, ... over the times it is watched,
+    whatever was written in between."""
+
+    def test_unwatched_writes_make_no_events(self, kv: zkv.Store) -> None:
+        client = zkv.connect(kv.endpoint)
+        try:
+            for i in range(50):  # nobody watches: from the owner and from a client
+                kv.set("k", i)
+                client.incr("k")
+            with kv.watch("k") as watch:
+                kv.set("k", "a")
+                client.set("k", "b")
+                got = [watch.receive_message(timeout=10) for _ in range(2)]
+            assert [(m.data.value, m.seq) for m in got] == [("a", 1), ("b", 2)]
+            wait_for(lambda: kv.stats()["topics"] == 0, 10, what="the watcher gone")
+            for i in range(50):  # nobody watches again
+                kv.set("k", i)
+                client.set_many({"k": i, "other": i})
+            fork = mp.get_context("fork")
+            parent_end, child_end = fork.Pipe()
+            child = fork.Process(target=_watch_once, args=(child_end,))
+            child.start()
+            assert parent_end.poll(30) and parent_end.recv() == "watching"
+            client.set("k", "c")
+            assert parent_end.poll(30) and parent_end.recv() == ("c", 3)
+            child.join(30)
+            assert child.exitcode == 0
+        finally:
+            client.close()

@@ -19,6 +19,7 @@ import collections
 import dataclasses
 import inspect
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -169,7 +170,8 @@ class Dispatcher:
         self._waker.wake()
         if threading.current_thread() is self._thread:
             return
-        if not done.wait(self._timeout) or "error" in box:
+        wait = None if math.isinf(self._timeout) else self._timeout  # inf: as long as it takes
+        if not done.wait(wait) or "error" in box:
             self._drop(handler)
             raise box.get("error") or ZkvTimeoutError(
                 f"the zkv owner did not confirm a subscription within {self._timeout}s")
