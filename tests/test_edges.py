@@ -262,13 +262,13 @@ def _many_threads_at_once(count: int, files: int) -> dict[str, Any]:
     kv = zkv.store()
     hold = threading.Barrier(count + 1, timeout=60)
     errors: list[str] = []
-    done = [0]
+    done: list[int] = []  # (list.append is atomic, with or without a GIL; += is not)
 
     def one(i: int) -> None:
         try:
             kv.set(f"t{i}", i)  # every thread holds its socket ...
             hold.wait()  # ... until all of them have one
-            done[0] += 1
+            done.append(i)
         except Exception as exc:
             errors.append(f"{type(exc).__module__}.{type(exc).__name__}: {exc}")
             hold.abort()
@@ -282,7 +282,7 @@ def _many_threads_at_once(count: int, files: int) -> dict[str, Any]:
         pass
     for thread in threads:
         thread.join()
-    return {"errors": errors[:3], "done": done[0]}
+    return {"errors": errors[:3], "done": len(done)}
 
 
 # -- 2. A function run by the owner cannot wedge it ------------------------------------------------
