@@ -360,6 +360,16 @@ class TestExpiryCommands:
         assert done.returncode == 2 and "seconds" in done.stderr
         assert kv.ttl("a") is None  # the bad request changed nothing
 
+    def test_set_with_ttl(self, kv: zkv.Store) -> None:
+        ok("set", "s", "1", "--ttl", "30")
+        assert kv["s"] == 1 and 25 < (kv.ttl("s") or 0) <= 30
+        ok("set", "s", "2")  # a set without --ttl clears the expiry
+        assert kv["s"] == 2 and kv.ttl("s") is None
+        for bad in ("0", "-3", "inf", "nan"):
+            done = run("set", "s", "3", "--ttl", bad)
+            assert done.returncode == 2 and "ttl" in done.stderr, (bad, done.stderr)
+        assert kv["s"] == 2 and kv.ttl("s") is None  # the bad requests changed nothing
+
 
 class TestMonitor:
     """monitor prints the requests the owner serves, as it serves them, until Ctrl-C."""

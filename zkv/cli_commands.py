@@ -18,7 +18,7 @@ from .cli_format import Progress, UsageError, render, show_name
 from .cli_owners import format_uptime, live_owners, search_dirs
 from .errors import SerializationError, ZkvError
 from .pubsub import Change, Message
-from .state import MISSING
+from .state import MISSING, check_ttl
 from .store import connect
 
 __all__ = ["delete", "expire", "get", "incr", "keys", "ls", "monitor", "persist", "ping", "pub",
@@ -50,12 +50,20 @@ def get(cx: Context) -> int:
     return 0
 
 
-@command("set", "set KEY to VALUE", arg("key", metavar="KEY"), value=True)
+@command("set", "set KEY to VALUE", arg("key", metavar="KEY"),
+         arg("--ttl", metavar="SECONDS", type=float, default=None,
+             help="make KEY expire SECONDS from now (a number > 0)"),
+         value=True)
 def set_(cx: Context) -> int:
     """Set KEY to VALUE: a Python literal (42, 'text', {'a': [1, 2]}), the text itself with
-    --str, or JSON with --json; - reads VALUE from standard input."""
+    --str, or JSON with --json; - reads VALUE from standard input. With --ttl, KEY expires
+    SECONDS from now; without, it keeps no expiry."""
+    try:
+        ttl = check_ttl(cx.args.ttl)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     value = cx.value()  # a bad VALUE is a usage error, owner or not
-    cx.store.set(cx.args.key, value)
+    cx.store.set(cx.args.key, value, ttl=ttl)
     return 0
 
 
