@@ -23,6 +23,12 @@ option                environment variable      default  meaning
                                                          processes through files in ``/dev/shm``
                                                          (:mod:`zkv.blobs`); 0 sends everything
                                                          through the sockets
+``snapshot``          ``ZKV_SNAPSHOT``          None     set in the owner: a file it loads when it
+                                                         starts, saves to every ``snapshot_every``
+                                                         seconds (if something changed) and when
+                                                         it closes (:mod:`zkv.snapshot`)
+``snapshot_every``    ``ZKV_SNAPSHOT_EVERY``    60.0     seconds between saves of ``snapshot``
+                                                         (``inf``: only when the owner closes)
 ====================  ========================  =======  ==========================================
 
 Keyword arguments win over environment variables, which win over the defaults.
@@ -47,8 +53,11 @@ _ENV = {
     "keys": "ZKV_KEYS",
     "heartbeat": "ZKV_HEARTBEAT",
     "blob_threshold": "ZKV_BLOB_THRESHOLD",
+    "snapshot": "ZKV_SNAPSHOT",
+    "snapshot_every": "ZKV_SNAPSHOT_EVERY",
 }
-_FLOATS = ("timeout", "linger", "heartbeat")
+_FLOATS = ("timeout", "linger", "heartbeat", "snapshot_every")
+_STRINGS = ("keys", "snapshot")
 #: ZeroMQ takes linger in int32 milliseconds.
 _MAX_LINGER = 3600.0
 
@@ -68,6 +77,8 @@ class Options:
     keys: KeysOption = None
     heartbeat: float = 1.0
     blob_threshold: int = 1 << 20
+    snapshot: str | os.PathLike[str] | None = None
+    snapshot_every: float = 60.0
 
     def __post_init__(self) -> None:
         timeout = self.timeout
@@ -91,6 +102,15 @@ class Options:
         beat = self.heartbeat
         if not _is_number(beat) or not 0.01 <= beat <= 600:
             raise ValueError(f"heartbeat must be a number of seconds in [0.01, 600], not {beat!r}")
+        path = self.snapshot
+        if path is not None and (not isinstance(path, (str, os.PathLike))
+                                 or not isinstance(os.fspath(path), str) or not os.fspath(path)):
+            raise ValueError(f"snapshot must be a file path (str or os.PathLike) or None, not "
+                             f"{path!r}")
+        every = self.snapshot_every
+        if not _is_number(every) or not every > 0:  # NaN is not > 0
+            raise ValueError(f"snapshot_every must be a number of seconds > 0 (inf: save only "
+                             f"when the owner closes), not {every!r}")
 
     @classmethod
     def from_env(cls, overrides: Mapping[str, Any] | None = None,
@@ -113,7 +133,7 @@ class Options:
                 values[name] = overrides[name]
             elif environ.get(var):
                 raw = environ[var]
-                if name == "keys":
+                if name in _STRINGS:
                     values[name] = raw
                     continue
                 kind = float if name in _FLOATS else int

@@ -320,6 +320,14 @@ class State:
             scans[cursor] = (keys, at, now)
             return cursor, page
 
+    def listing(self) -> tuple[int, list[tuple[str, Entry]], dict[str, float]]:
+        """Everything, read atomically, for a snapshot: the version, the (key, entry) pairs
+        and the deadlines (monotonic) of the keys that have one. References only, so the lock
+        is held for as short as it can be; expired keys are removed first."""
+        with self.lock:
+            self._purge_due()
+            return self.version, list(self._data.items()), dict(self._deadlines)
+
     def ttl(self, key: str) -> float | Any | None:
         """Seconds until ``key`` expires, None if it has no deadline, MISSING if it is
         missing."""
@@ -353,6 +361,14 @@ class State:
                 self.version += len(items)  # (stored first, counted second, as in _put)
                 return
             for key, entry in items:
+                self._put(key, entry)
+
+    def restore(self, items: Iterable[tuple[str, Entry, float | None]]) -> None:
+        """Set every ``(key, entry, ttl)`` (``ttl``: seconds, or None), as one step (a
+        snapshot being loaded)."""
+        with self.lock:
+            for key, entry, ttl in items:
+                self._set_deadline(key, ttl)
                 self._put(key, entry)
 
     def delete(self, key: str) -> Entry | None:

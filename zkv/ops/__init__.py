@@ -307,6 +307,10 @@ def _cache_sync(ctx: Context) -> int:
     return ctx.cache_sync()
 
 
+def _save(ctx: Context, path: str) -> Any:
+    return ctx.save(path)
+
+
 def _pipeline(ctx: Context, *args: Any) -> Any:
     raise ProtocolError("a pipeline is served by the owner's loop itself")  # pragma: no cover
 
@@ -397,13 +401,17 @@ SCAN: Op[[int, str, int], tuple[int, list[str]]] = Op(
     "scan", 34, (k.INT, k.NAME, k.INT), k.PICKLE, _scan,
     "a page of keys (cursor 0 starts a scan; count keys at most) and the next cursor (0: "
     "done)", pipelined=False)
+SAVE: Op[[str], dict[str, Any]] = Op(
+    "save", 35, (k.NAME,), k.JSON, _save,
+    "write the whole store to a file (a path on the owner's host; empty: its snapshot file), "
+    "atomically; answered when written, with what was saved", pipelined=False)
 
 #: Every operation, by name.
 OPS: dict[str, Op[..., Any]] = {op.name: op for op in (
     GET, SET, DELETE, PIPELINE, GET_ALL, KEYS, LEN, CONTAINS, CLEAR, MODIFY, INCR,
     SETDEFAULT, POP, CAS, TRANSACT, LOCK, UNLOCK, PUBLISH, BYE, STATS, CACHE_WATCH,
     CACHE_UNWATCH, CACHE_SYNC, GET_MANY, SET_MANY, EXPIRE, TTL, PERSIST, DELETE_PREFIX,
-    SCAN)}
+    SCAN, SAVE)}
 #: Every operation, by code.
 BY_CODE: dict[int, Op[..., Any]] = {op.code: op for op in OPS.values()}
 assert len(BY_CODE) == len(OPS), "two operations share a code"

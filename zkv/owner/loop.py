@@ -25,7 +25,7 @@ from ..sockets import poll, recv_request
 from ..state import Entry, State
 from .binding import Bound, bind
 from .fanout import Fanout
-from .outbox import Change, Grant, Outbox, Publish
+from .outbox import Change, Grant, Outbox, Publish, Reply
 from .requests import Requests
 from .sessions import Refusals, Sessions
 
@@ -204,6 +204,8 @@ class Owner:
                 fanout.publish(item.channel, item.frames, version)
             elif type(item) is Grant:
                 self.requests.send_grant(item)
+            elif type(item) is Reply:
+                self.requests.send_reply(item)
 
     def _tick(self, now: float) -> None:
         """Housekeeping, every TICK: blob files, dead clients, lock deadlines, expired keys."""
