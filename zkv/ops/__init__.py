@@ -152,9 +152,14 @@ class Op(Generic[P, R]):
 
     def local(self, ctx: Context, *args: Any) -> R:
         """Apply the operation in the owner's own process, to objects."""
-        value = self.apply(ctx, *[kind.local(arg) for kind, arg in
-                                  zip(self.args, args, strict=True)])
+        value = self.apply(ctx, *self.local_args(args))
         return cast(R, self.result.local(value, args))
+
+    def local_args(self, args: Sequence[Any]) -> list[Any]:
+        """What ``apply`` gets in the owner's own process (values to store are pickled here):
+        ``local`` is ``result.local(apply(ctx, *local_args(args)), args)``, in three steps for
+        a caller that holds the store's lock only for the middle one."""
+        return [kind.local(arg) for kind, arg in zip(self.args, args, strict=True)]
 
 
 # -- what the owner does --------------------------------------------------------------------------

@@ -123,6 +123,11 @@ class LocalCore:
         self._pub = self.owner.bound.inproc_pub
 
     @property
+    def op_context(self) -> LocalContext:
+        """The :class:`~zkv.ops.Context` this core applies operations with."""
+        return self._ctx
+
+    @property
     def context(self) -> zmq.Context[Any]:
         """The owner's ZeroMQ context (its own subscribers' sockets are made from it)."""
         return self._zmq
