@@ -74,6 +74,7 @@ _LENGTH = struct.Struct("<Q")
 _TRAILER = struct.Struct("<8sQI")
 _BUFFER = 1 << 20  # bytes gathered before a write(2); larger frames are written as they are
 _MAX_HEADER = 1 << 20
+_wall = time.time  # the clock of expiry times in files (tests move it)
 _TMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp\Z")
 
 
@@ -119,7 +120,7 @@ def take(state: State) -> Listing:
     started = time.perf_counter()
     version, items, deadlines = state.listing()
     pause = time.perf_counter() - started
-    return Listing(version, items, deadlines, time.monotonic(), time.time(), pause)
+    return Listing(version, items, deadlines, time.monotonic(), _wall(), pause)
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -338,7 +339,7 @@ def _entries(items: list[tuple[str, list[Frame], float | None]]
              ) -> list[tuple[str, Entry, float | None]]:
     """What :func:`read` gave, as :meth:`State.restore` takes it: a key whose expiry has
     passed is left out."""
-    now = time.time()
+    now = _wall()
     out = []
     for key, frames, expires in items:
         ttl = None if expires is None else expires - now
@@ -378,6 +379,9 @@ class Snapshots:
         self._lock_fd: int | None = None
         self._loaded: list[tuple[str, Entry, float | None]] = []
         self._attached = False  # start() gave the owner's state: saves may write its file
+        #: Files written so far, and periodic checks made (whether or not they saved).
+        self.saves = 0
+        self.periods = 0
 
     # -- start -------------------------------------------------------------------------------
 
@@ -485,6 +489,7 @@ class Snapshots:
                 self._write(job)
                 continue
             next_save = time.monotonic() + self.every  # time for a periodic save
+            self.periods += 1
             if self.path is not None and self.changed:
                 with self.state.lock, self._mutex:  # queued: after the saves asked for before
                     self._queue.append((take(self.state), self.path,
@@ -499,6 +504,7 @@ class Snapshots:
                 done.set_exception(exc)
             log.error("zkv snapshot to %s failed: %s", path, exc)
             return
+        self.saves += 1
         if path == self.path:
             self._saved_version = max(self._saved_version, listing.version)
         if result.skipped:
