@@ -108,7 +108,7 @@ class Listing:
     """References to a store's entries at one moment (see :func:`take`)."""
 
     version: int
-    items: list[tuple[str, Entry]]
+    items: dict[str, Entry]
     deadlines: dict[str, float]  # monotonic
     monotonic: float  # when it was taken, on each clock
     wall: float
@@ -207,9 +207,9 @@ def write(listing: Listing, path: str) -> SaveResult:
         nan = math.nan
         offset = listing.wall - listing.monotonic  # monotonic -> unix time
         deadlines = listing.deadlines
-        for key, entry in listing.items:
+        for key, entry in listing.items.items():
             try:
-                frames = entry.wire()
+                frames = entry.encoded()
             except EncodeError:
                 skipped.append(key)
                 continue

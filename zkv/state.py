@@ -136,6 +136,15 @@ class Entry:
             self.obj = obj  # safe to share from now on
         return obj
 
+    def encoded(self) -> list[Frame]:
+        """The value as frames, as :meth:`wire`, but without keeping them if they are made
+        now (a snapshot of many values set in the owner leaves no pickles behind). Raises
+        EncodeError."""
+        frames = self.frames
+        if frames is None:
+            return codec.dumps(self.obj)
+        return frames
+
     def wire(self) -> list[Frame]:
         """The value as frames (pickled now, once, if it was kept as an object).
 
@@ -320,13 +329,14 @@ class State:
             scans[cursor] = (keys, at, now)
             return cursor, page
 
-    def listing(self) -> tuple[int, list[tuple[str, Entry]], dict[str, float]]:
-        """Everything, read atomically, for a snapshot: the version, the (key, entry) pairs
-        and the deadlines (monotonic) of the keys that have one. References only, so the lock
-        is held for as short as it can be; expired keys are removed first."""
+    def listing(self) -> tuple[int, dict[str, Entry], dict[str, float]]:
+        """Everything, read atomically, for a snapshot: the version, a copy of the dictionary
+        of entries and of the deadlines (monotonic) of the keys that have one. Copies of the
+        dictionaries only (no object per key is made: no garbage collection can start), so
+        the lock is held for as short as it can be; expired keys are removed first."""
         with self.lock:
             self._purge_due()
-            return self.version, list(self._data.items()), dict(self._deadlines)
+            return self.version, self._data.copy(), self._deadlines.copy()
 
     def ttl(self, key: str) -> float | Any | None:
         """Seconds until ``key`` expires, None if it has no deadline, MISSING if it is
