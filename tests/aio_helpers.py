@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -54,10 +53,11 @@ async def await_until(condition: Callable[[], Any], timeout: float = 10.0,
 class LoopWatch:
     """Ticks every millisecond in the event loop and measures, for each gap between two ticks,
     how long the loop's thread was *kept from running the loop*: the gap's wall time minus the
-    time the thread spent runnable but not running (waiting for a CPU, from the kernel's
-    ``/proc/.../schedstat``). A loaded machine that does not schedule the process stretches
-    the gaps, but not this measure; a callback that computes, or waits in a blocking call (a
-    socket, a lock, the GIL held by another thread), does."""
+    time the process's threads spent runnable but not running (waiting for a CPU, from the
+    kernel's ``/proc/self/task/*/schedstat``: the loop's thread itself, or a thread that held
+    the GIL the loop waited for). A loaded machine that does not schedule the process
+    stretches the gaps, but not this measure; a callback that computes, or waits in a
+    blocking call (a socket, a lock), does."""
 
     def __init__(self) -> None:
         self.blocked: list[float] = []  # seconds per gap, scheduling delays taken out
@@ -65,33 +65,30 @@ class LoopWatch:
         self.ticks = 0
         self._stop = False
         self._task: asyncio.Task[None] | None = None
-        self._fd = -1
 
-    def _queued_ns(self) -> int:
-        """Nanoseconds this thread has spent waiting on a run queue so far."""
-        if self._fd < 0:
-            return 0
-        return int(os.pread(self._fd, 128, 0).split()[1])
+    @staticmethod
+    def _queued_ns() -> dict[str, int]:
+        """Nanoseconds each thread of this process has spent waiting on a run queue so far."""
+        out = {}
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
+                    out[tid] = int(f.read().split()[1])
+            except (OSError, IndexError, ValueError):  # a thread that just ended
+                pass
+        return out
 
     async def _run(self) -> None:
-        try:
-            self._fd = os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat",
-                               os.O_RDONLY)
-        except OSError:  # pragma: no cover - a kernel without schedstat: raw gaps only
-            self._fd = -1
-        try:
-            last, queued = time.monotonic(), self._queued_ns()
-            while not self._stop:
-                await asyncio.sleep(0.001)
-                now, now_queued = time.monotonic(), self._queued_ns()
-                gap = now - last
-                self.raw.append(gap)
-                self.blocked.append(gap - (now_queued - queued) / 1e9)
-                last, queued = now, now_queued
-                self.ticks += 1
-        finally:
-            if self._fd >= 0:
-                os.close(self._fd)
+        last, queued = time.monotonic(), self._queued_ns()
+        while not self._stop:
+            await asyncio.sleep(0.001)
+            now, now_queued = time.monotonic(), self._queued_ns()
+            gap = now - last
+            waited = sum(n - queued.get(tid, 0) for tid, n in now_queued.items())
+            self.raw.append(gap)
+            self.blocked.append(gap - waited / 1e9)
+            last, queued = now, now_queued
+            self.ticks += 1
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())

@@ -460,6 +460,9 @@ class Snapshots:
                 "no path given, and this store has no snapshot file (zkv.serve(snapshot=...) "
                 "or ZKV_SNAPSHOT)"))
             return done
+        if not os.path.isabs(target):  # (the caller makes a path absolute: see zkv.calls)
+            done.set_exception(ValueError(f"a snapshot path must be absolute, not {target!r}"))
+            return done
         with self.state.lock, self._mutex:  # (in this order, everywhere)
             if self._stopping:
                 done.set_exception(RuntimeError("the store is closing"))
