@@ -140,6 +140,9 @@ class Row:
     targets: list[Target] = dataclasses.field(default_factory=list)
     note: str = ""
     setup: Callable[[], None] | None = None
+    #: Whether the cases are alternatives to compare with the first (False: sizes of one
+    #: workload, side by side, with no ratio).
+    compare: bool = True
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -212,7 +215,9 @@ class RowResult:
         return (self.row.work if self.row.metric == "throughput" else 1.0) / m
 
     def ratio(self, result: CaseResult) -> float | None:
-        """speed(zkv) / speed(result): >1 means zkv is faster."""
+        """speed(zkv) / speed(result): >1 means zkv is faster (None: not compared)."""
+        if not self.row.compare:
+            return None
         mine, theirs = self.speed(self.reference), self.speed(result)
         if mine is None or theirs is None or theirs == 0:
             return None

@@ -775,7 +775,7 @@ class Lab:
         return Row(
             id="snapshot_pause", title="snapshot: the store held for the listing",
             metric="latency", unit="",
-            cases=[Case(SNAP_SMALL, case(False)), Case(SNAP_LARGE, case(True))],
+            cases=[Case(SNAP_SMALL, case(False)), Case(SNAP_LARGE, case(True))], compare=False,
             note="kv.save(path) in the owner; median and p99: how long the store's lock was "
                  "held (the pause); then the whole save (pickling, writing, fsync, rename), "
                  "and the slowest get a client did back to back meanwhile")
