@@ -35,8 +35,9 @@ def _open_fds() -> int:
 
 # -- across processes -------------------------------------------------------------------------
 
-def _worker(n: int) -> dict[str, Any]:
-    """A worker's whole async session with the process-wide store."""
+def _worker(n: int, path: str) -> dict[str, Any]:
+    """A worker's whole async session with the process-wide store (a save to ``path``
+    included)."""
     async def main() -> dict[str, Any]:
         kv = zkv.astore()
         await kv.set(f"worker:{n}", n)
@@ -50,18 +51,21 @@ def _worker(n: int) -> dict[str, Any]:
         sub.close()
         async with kv.pipeline() as p:
             p.incr("workers").get(f"worker:{n}")
+        saved = await kv.save(path)
         return {"owner": kv.is_owner, "seeds": seeds == list(range(100)), "heard": heard,
-                "pipeline": p.results[1]}
+                "pipeline": p.results[1], "saved": saved.keys}
     return run(main())
 
 
 @pytest.mark.timeout(90)
-def test_workers_of_every_start_method(kv: zkv.Store,
-                                       mp_context: mp.context.BaseContext) -> None:
+def test_workers_of_every_start_method(kv: zkv.Store, mp_context: mp.context.BaseContext,
+                                       tmp_path: Path) -> None:
     kv.set_many({f"seed:{i}": i for i in range(100)})
-    got = call_in_child(mp_context, _worker, 7)
-    assert got == {"owner": False, "seeds": True, "heard": ("hello", 7), "pipeline": 7}
+    got = call_in_child(mp_context, _worker, 7, str(tmp_path / "w.zkv"))
+    assert got == {"owner": False, "seeds": True, "heard": ("hello", 7), "pipeline": 7,
+                   "saved": 103}
     assert kv["worker:7"] == 7 and kv["workers"] == 1 and kv["inside"] == 0
+    assert len(zkv.snapshot.read(tmp_path / "w.zkv")) == 103
 
 
 def _pool_task(n: int) -> int:

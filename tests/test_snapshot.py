@@ -199,9 +199,38 @@ class TestTheOwnersFile:
         with zkv.serve(snapshot=path):
             with pytest.raises(zkv.SnapshotError, match=f"{path}: in use by another zkv owner "
                                                         f"\\(pid {os.getpid()}\\)"):
-                zkv.serve(snapshot=path)
+                zkv.serve(snapshot=path)  # in this process
+            pid = call_in_child(mp.get_context("spawn"), _serve_and_fail, str(path))
+            assert pid == str(os.getpid())  # in another process, naming this one
         with zkv.serve(snapshot=path):
             pass  # free again once the first one closed
+
+    def test_a_forked_child_does_not_keep_the_file(self, tmp_path: Path) -> None:
+        """A process forked by the owner (a pool worker) that outlives it does not hold the
+        file: the next owner can take it."""
+        path = tmp_path / "data.zkv"
+        ctx = mp.get_context("fork")
+        release = ctx.Event()
+        with zkv.serve(snapshot=path) as kv:
+            kv.set("a", 1)
+            child = ctx.Process(target=release.wait, args=(30,))
+            child.start()
+        try:
+            with zkv.serve(snapshot=path) as kv:  # while the child lives
+                assert kv["a"] == 1
+        finally:
+            release.set()
+            child.join(10)
+
+
+def _serve_and_fail(path: str) -> str:
+    """In another process: an owner of a file in use fails, naming the pid that uses it."""
+    os.environ.pop("ZKV_ENDPOINT", None)
+    try:
+        zkv.serve(snapshot=path)
+    except zkv.SnapshotError as exc:
+        return str(exc).split("(pid ")[1].split(")")[0]
+    raise AssertionError("a second owner started on the same file")
 
 
 # -- files that must not load -------------------------------------------------------------------

@@ -360,6 +360,19 @@ def load(state: State, path: str | os.PathLike[str]) -> int:
 
 _Job = tuple[Listing, str, "concurrent.futures.Future[SaveResult]"]
 
+#: The snapshot files (real paths) the owners of this process use.
+_CLAIMED: set[str] = set()
+_CLAIMS_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _CLAIMS_LOCK
+    _CLAIMS_LOCK = threading.Lock()
+    _CLAIMED.clear()  # the parent's owners' files: a child holds no record lock
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class Snapshots:
     """An owner's snapshots: its ``snapshot`` file (loaded at start, saved every ``every``
@@ -377,6 +390,8 @@ class Snapshots:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._lock_fd: int | None = None
+        self._claimed = ""
+        self._pid = os.getpid()
         self._loaded: list[tuple[str, Entry, float | None]] = []
         self._attached = False  # start() gave the owner's state: saves may write its file
         #: Files written so far, and periodic checks made (whether or not they saved).
@@ -419,26 +434,42 @@ class Snapshots:
             self._start()
 
     def _claim(self, path: str) -> None:
-        lock_path = path + ".lock"
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        except OSError as exc:
-            raise SnapshotError(f"{path}: cannot make its lock file {lock_path}: {exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise SnapshotError(f"{path}: in use by another zkv owner (pid {holder}); one "
-                                f"snapshot file serves one owner at a time") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        """Take ``NAME.lock``: a POSIX record lock, which belongs to this process (a forked
+        child, a pool worker that outlives its owner, does not hold it) and goes when it
+        dies; and, in this process, the set of files its owners use (record locks do not
+        exclude each other within a process)."""
+        key = os.path.realpath(path)
+        in_use = f"{path}: in use by another zkv owner (pid {{}}); one snapshot file " \
+                 f"serves one owner at a time"
+        with _CLAIMS_LOCK:
+            if key in _CLAIMED:
+                raise SnapshotError(in_use.format(os.getpid()))
+            lock_path = path + ".lock"
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                             0o600)
+            except OSError as exc:
+                raise SnapshotError(f"{path}: cannot make its lock file {lock_path}: "
+                                    f"{exc}") from exc
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise SnapshotError(in_use.format(holder)) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            _CLAIMED.add(key)
         self._lock_fd = fd
+        self._claimed = key
 
     def _release_claim(self) -> None:
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
-            os.close(fd)  # (the lock file stays: removing it would race with a new owner)
+            with _CLAIMS_LOCK:
+                _CLAIMED.discard(self._claimed)
+            if os.getpid() == self._pid:  # (a forked child holds no lock: nothing to let go)
+                os.close(fd)  # the lock goes (the file stays: removing it races a new owner)
 
     def _start(self) -> None:
         with self._mutex:
