@@ -5,7 +5,6 @@ method, in the owner and in a client, on every kind of event loop."""
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import math
 import threading
@@ -294,4 +293,3 @@ def test_astore_is_the_process_wide_store(kv: zkv.Store) -> None:
         await akv.set("shared", 1)
         assert kv["shared"] == 1
     run(main())
-    asyncio.set_event_loop_policy(None)
