@@ -52,8 +52,12 @@ def _worker(n: int, path: str) -> dict[str, Any]:
         async with kv.pipeline() as p:
             p.incr("workers").get(f"worker:{n}")
         saved = await kv.save(path)
+        scanned = sorted([key async for key in kv.scan("seed:", count=30)])
+        listed = sorted(await kv.keys("seed:"))
         return {"owner": kv.is_owner, "seeds": seeds == list(range(100)), "heard": heard,
-                "pipeline": p.results[1], "saved": saved.keys}
+                "pipeline": p.results[1], "saved": saved.keys,
+                "prefix": scanned == listed == sorted(await kv.get_all("seed:"))
+                and len(listed) == 100}
     return run(main())
 
 
@@ -63,7 +67,7 @@ def test_workers_of_every_start_method(kv: zkv.Store, mp_context: mp.context.Bas
     kv.set_many({f"seed:{i}": i for i in range(100)})
     got = call_in_child(mp_context, _worker, 7, str(tmp_path / "w.zkv"))
     assert got == {"owner": False, "seeds": True, "heard": ("hello", 7), "pipeline": 7,
-                   "saved": 103}
+                   "saved": 103, "prefix": True}
     assert kv["worker:7"] == 7 and kv["workers"] == 1 and kv["inside"] == 0
     assert len(zkv.snapshot.read(tmp_path / "w.zkv")) == 103
 

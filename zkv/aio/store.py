@@ -74,7 +74,9 @@ SYNC_ONLY: dict[str, str] = {
     "cache_info": "see enable_cache",
 }
 
-_ASYNC_CORES: weakref.WeakKeyDictionary[Core, AsyncCore] = weakref.WeakKeyDictionary()
+#: id(sync core) -> its asyncio core, while that lives (it holds the sync core, so the id is
+#: that core's for as long as the entry exists).
+_ASYNC_CORES: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 _ASYNC_CORES_LOCK = threading.Lock()
 
 
@@ -82,8 +84,8 @@ def _async_core(core: Core) -> AsyncCore:
     """The asyncio core over ``core`` (one per sync core: every AsyncStore of a store shares
     its sockets)."""
     with _ASYNC_CORES_LOCK:
-        made = _ASYNC_CORES.get(core)
-        if made is None:
+        made: AsyncCore | None = _ASYNC_CORES.get(id(core))
+        if made is None or made.sync is not core:
             if isinstance(core, LocalCore):
                 made = AsyncLocalCore(core)
             elif isinstance(core, RemoteCore):
@@ -91,7 +93,7 @@ def _async_core(core: Core) -> AsyncCore:
             else:
                 raise TypeError(f"no asyncio face for a store served by "
                                 f"{type(core).__name__}")
-            _ASYNC_CORES[core] = made
+            _ASYNC_CORES[id(core)] = made
         return made
 
 
