@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import AsyncIterator, Callable, ItemsView, Iterator, KeysView, ValuesView
 from typing import Any
@@ -293,3 +297,22 @@ def test_astore_is_the_process_wide_store(kv: zkv.Store) -> None:
         await akv.set("shared", 1)
         assert kv["shared"] == 1
     run(main())
+
+
+def test_astore_in_a_process_without_a_store_becomes_the_owner() -> None:
+    """In a program's main process with no store yet, the first awaited call makes the
+    owner (off the event loop), which ``zkv.store()`` then is; the program exits cleanly."""
+    script = textwrap.dedent("""
+        import asyncio, zkv
+        async def main():
+            kv = zkv.astore()
+            assert "not open yet" in repr(kv)
+            await kv.set("a", 1)
+            assert kv.is_owner and kv.sync is zkv.store() and zkv.store()["a"] == 1
+            print("ok")
+        asyncio.run(main())
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZKV_")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, timeout=50,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr
