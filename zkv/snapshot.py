@@ -72,6 +72,8 @@ _HEAD = struct.Struct("<8sHHI")
 _RECORD = struct.Struct("<IId")
 _LENGTH = struct.Struct("<Q")
 _TRAILER = struct.Struct("<8sQI")
+_NICE = 10  # the writing thread's niceness (Linux)
+_YIELD_EVERY = 256  # keys written between two offers of the GIL to other threads
 _BUFFER = 1 << 20  # bytes gathered before a write(2); larger frames are written as they are
 _MAX_HEADER = 1 << 20
 _wall = time.time  # the clock of expiry times in files (tests move it)
@@ -208,6 +210,8 @@ def write(listing: Listing, path: str) -> SaveResult:
         offset = listing.wall - listing.monotonic  # monotonic -> unix time
         deadlines = listing.deadlines
         for key, entry in listing.items.items():
+            if not count % _YIELD_EVERY:
+                time.sleep(0)  # the GIL to the owner's serving threads, if they wait for it
             try:
                 frames = entry.encoded()
             except EncodeError:
@@ -508,6 +512,10 @@ class Snapshots:
         return self.submit(path).result()
 
     def _run(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # (Linux: a thread's own niceness)
+            # Writing is background work: when the CPUs are busy, the owner's serving
+            # threads go first.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _NICE)
         next_save = time.monotonic() + self.every
         while True:
             with self._mutex:
