@@ -30,6 +30,10 @@ OUT = Path(__file__).with_name("api.md")
 SECTIONS: list[tuple[str, str, list[str]]] = [
     ("Getting a store", "", ["store", "serve", "connect", "shared_memory"]),
     ("The store", "", ["Store", "Pipeline", "Lock", "MISSING"]),
+    ("asyncio", "The same store, awaited: see [the guide](guide.md#asyncio). Each method awaits "
+     "the `Store` method of the same name; `zkv.aio.SYNC_ONLY` lists those that have no "
+     "twin, and why.", ["astore", "aconnect", "AsyncStore", "AsyncPipeline", "AsyncLock"]),
+    ("Snapshots", "See [the guide](guide.md#snapshots).", ["zkv.snapshot.SaveResult"]),
     ("Publish / subscribe", "", ["Subscriber", "Message", "Change"]),
     ("Settings", "", ["Options"]),
     ("Testing helpers", "`zkv.testing` gives a test a store of its own; see the pytest "
@@ -41,7 +45,8 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ("Errors", "", ["ZkvError", "ZkvConnectionError", "NoOwnerError", "OwnerGoneError",
                     "AuthenticationError", "ZkvTimeoutError", "SerializationError",
                     "EncodeError", "DecodeError", "MessageTooLargeError", "StoreClosedError",
-                    "LockError", "ReentrancyError", "ProtocolError", "RemoteError"]),
+                    "LockError", "ReentrancyError", "SnapshotError", "ProtocolError",
+                    "RemoteError"]),
     ("Compatibility with the original module", "", ["KeyValueStore", "GlobalKeyValueStore"]),
 ]
 
@@ -51,10 +56,12 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
 FALLBACK_DOCS: dict[tuple[str, str], str] = {}
 
 #: Members left out: used through the class's own protocol (documented in its docstring).
-SKIPPED = {"__enter__", "__iter__", "__aiter__", "timeout_ms"}
+SKIPPED = {"__enter__", "__iter__", "__aiter__", "__aenter__", "__aexit__", "timeout_ms",
+           "to_dict", "from_dict"}
 
 _ROLE = re.compile(r":(?:class|meth|func|attr|mod|data|exc):`(~?)([\w.]+)`")
 _NOISE = ("typing.", "collections.abc.", "zkv.store.", "zkv.locks.", "zkv.pubsub.",
+          "zkv.aio.store.", "zkv.snapshot.",
           "zkv.config.", "zkv.auth.", "asyncio.events.", "os.")
 
 
@@ -97,8 +104,14 @@ def _item(head: str, doc: str) -> list[str]:
 
 
 def _members(cls: type) -> list[tuple[str, Any]]:
+    """The documented members of ``cls``, those of zkv's own base classes first (a pipeline's
+    queueing methods, a lock's ``locked``)."""
+    found: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is cls or klass.__module__.startswith("zkv."):
+            found.update(vars(klass))
     out = []
-    for name, member in vars(cls).items():
+    for name, member in found.items():
         if name in SKIPPED or (name.startswith("_") and name != "__init__"):
             continue
         if name == "__init__" and (cls.__name__, name) not in FALLBACK_DOCS \
@@ -176,6 +189,10 @@ def _class(written: str, cls: type) -> list[str]:
             lines += _item(f"**`{name}`** (property)", doc)
         else:
             sig = _signature(func).replace("(self, ", "(").replace("(self)", "()")
+            typed_self = re.match(r"\(self: (\w+)(, )?", sig)  # (self: Q, ...) -> Q
+            if typed_self:
+                sig = "(" + sig[typed_self.end():]
+                sig = re.sub(rf"-> {typed_self[1]}$", f"-> {cls.__name__}", sig)
             head = f"{cls.__name__}{sig.removesuffix(' -> None')}" if name == "__init__" \
                 else f"{name}{sig}"
             lines += _item(f"**`{head}`**", doc)

@@ -25,6 +25,7 @@ ROWS = {
     "pub_worker_1", "pub_worker_receive_1", "pub_worker_iter_1", "pub_worker_callback_1",
     "pub_float_1", "pub_latency_1", "pub_latency_4",
     "clients_1", "clients_4", "clients_16", "busy_owner",
+    "async_get", "async_gather", "snapshot_pause",
 }
 REPORTED = {"ok", "skipped", "not available"}
 #: Seconds a --smoke run may take: about 3 s on an idle 2-core machine; generous for a loaded

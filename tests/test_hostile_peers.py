@@ -71,7 +71,7 @@ def _samples(key: str, value: Any) -> dict[str, tuple[Any, ...]]:
         "publish": ("chan", value), "bye": (), "stats": (), "cache_watch": ([""],),
         "cache_unwatch": ([""],), "cache_sync": (), "get_many": ([key, "n2"],),
         "set_many": ([(key, value), ("n3", value)], 5.0), "expire": (key, 0.001),
-        "ttl": (key,), "persist": (key,),
+        "ttl": (key,), "persist": (key,), "save": ("/nonexistent-zkv-dir/hostile.zkv",),
     }
 
 

@@ -31,7 +31,7 @@ class TestTable:
                 "modify", "incr", "setdefault", "pop", "compare_and_set", "transact", "lock",
                 "unlock", "publish", "stats", "get_many", "set_many", "expire", "ttl",
                 "persist", "pipeline", "bye", "cache_watch", "cache_unwatch", "cache_sync",
-                "delete_prefix", "scan"}
+                "delete_prefix", "scan", "save"}
         assert set(ops.OPS) == used
 
 
@@ -44,7 +44,7 @@ SAMPLES: dict[str, tuple[Any, ...]] = {
     "publish": ("c", (1, "x")), "bye": (), "stats": (), "cache_watch": (["a", "b"],),
     "cache_unwatch": (["a"],), "cache_sync": (), "get_many": (["a", "b\0c"],),
     "set_many": ([("a", 1), ("b", object)], None), "expire": ("k", 3.0), "ttl": ("k",),
-    "persist": ("k",),
+    "persist": ("k",), "save": ("/tmp/a.zkv",),
 }
 
 

@@ -15,6 +15,9 @@ import zkv
 
 EXPECTED_ALL = [
     "MISSING",
+    "AsyncLock",
+    "AsyncPipeline",
+    "AsyncStore",
     "AuthenticationError",
     "Change",
     "DecodeError",
@@ -33,6 +36,7 @@ EXPECTED_ALL = [
     "ReentrancyError",
     "RemoteError",
     "SerializationError",
+    "SnapshotError",
     "Store",
     "StoreClosedError",
     "Subscriber",
@@ -40,6 +44,8 @@ EXPECTED_ALL = [
     "ZkvError",
     "ZkvTimeoutError",
     "__version__",
+    "aconnect",
+    "astore",
     "connect",
     "serve",
     "store",
@@ -94,6 +100,7 @@ class TestExceptionTree:
         (zkv.StoreClosedError, (zkv.ZkvError, RuntimeError)),
         (zkv.LockError, (zkv.ZkvError, RuntimeError)),
         (zkv.ReentrancyError, (zkv.ZkvError, RuntimeError)),
+        (zkv.SnapshotError, (zkv.ZkvError, ValueError)),
         (zkv.ProtocolError, (zkv.ZkvError,)),
         (zkv.RemoteError, (zkv.ZkvError,)),
     ])

@@ -12,6 +12,9 @@ the ``ZKV_ENDPOINT`` environment variable::
     with kv.lock("report"):
         ...
 
+``zkv.astore()`` is the same store for asyncio (``await kv.get(...)``), and
+``zkv.store(snapshot="data.zkv")`` keeps the owner's data in a file across restarts.
+
 ``zkv.shared_memory``, ``zkv.KeyValueStore`` and ``zkv.GlobalKeyValueStore.get_instance()``
 keep code written against the original ``shared_memory`` module working.
 """
@@ -22,6 +25,7 @@ import logging
 from typing import Any
 
 from ._version import __version__
+from .aio import AsyncLock, AsyncPipeline, AsyncStore, aconnect, astore
 from .compat import GlobalKeyValueStore, KeyValueStore
 from .config import Options
 from .errors import (
@@ -36,6 +40,7 @@ from .errors import (
     ReentrancyError,
     RemoteError,
     SerializationError,
+    SnapshotError,
     StoreClosedError,
     ZkvConnectionError,
     ZkvError,
@@ -51,6 +56,9 @@ logging.getLogger("zkv").addHandler(logging.NullHandler())
 
 __all__ = [
     "MISSING",
+    "AsyncLock",
+    "AsyncPipeline",
+    "AsyncStore",
     "AuthenticationError",
     "Change",
     "DecodeError",
@@ -69,6 +77,7 @@ __all__ = [
     "ReentrancyError",
     "RemoteError",
     "SerializationError",
+    "SnapshotError",
     "Store",
     "StoreClosedError",
     "Subscriber",
@@ -76,6 +85,8 @@ __all__ = [
     "ZkvError",
     "ZkvTimeoutError",
     "__version__",
+    "aconnect",
+    "astore",
     "connect",
     "serve",
     "store",

@@ -616,6 +616,32 @@ class Connection:
     def lost(self) -> bool:
         return self._lost
 
+    # -- for request paths of other kinds (the asyncio client, zkv.aio) -------------------------
+
+    def prepare(self, frames: Sequence[Frame], named: bool = False
+                ) -> tuple[int, Sequence[Frame]]:
+        """The flags and frames of a request as they go on the wire (sizes checked, large
+        frames sent by file; ``named``: the reply may name files). Raises OwnerGoneError or
+        MessageTooLargeError."""
+        if self._lost:
+            raise OwnerGoneError(f"the zkv owner at {self.address} is gone")
+        self._check_size(frames)
+        flags = 0
+        if self.blob_dir is not None:
+            flags, frames = self._spill(frames)
+            if named:
+                flags |= wire.REFS
+        return flags, frames
+
+    def check_owner(self) -> None:
+        """Raise StoreClosedError, or the error that says why the owner cannot be reached
+        (remembered: every later request fails at once), unless all is well."""
+        self._check_owner()
+
+    def translate(self, exc: zmq.ZMQError) -> ZkvError:
+        """A ZeroMQ error on a request, as the zkv error a caller can handle."""
+        return self._translate(exc)
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     def close(self, linger: float | None = None) -> None:

@@ -28,6 +28,12 @@ option                environment variable      default  meaning
                                                          serves it, ``"process"`` in a dedicated
                                                          process it starts (its workers never
                                                          wait on its GIL)
+``snapshot``          ``ZKV_SNAPSHOT``          None     set in the owner: a file it loads when it
+                                                         starts, saves to every ``snapshot_every``
+                                                         seconds (if something changed) and when
+                                                         it closes (:mod:`zkv.snapshot`)
+``snapshot_every``    ``ZKV_SNAPSHOT_EVERY``    60.0     seconds between saves of ``snapshot``
+                                                         (``inf``: only when the owner closes)
 ====================  ========================  =======  ==========================================
 
 Keyword arguments win over environment variables, which win over the defaults.
@@ -53,8 +59,11 @@ _ENV = {
     "heartbeat": "ZKV_HEARTBEAT",
     "blob_threshold": "ZKV_BLOB_THRESHOLD",
     "owner": "ZKV_OWNER",
+    "snapshot": "ZKV_SNAPSHOT",
+    "snapshot_every": "ZKV_SNAPSHOT_EVERY",
 }
-_FLOATS = ("timeout", "linger", "heartbeat")
+_FLOATS = ("timeout", "linger", "heartbeat", "snapshot_every")
+_STRINGS = ("keys", "owner", "snapshot")
 #: Where an owner's data lives: in the process that serves (``"embedded"``), or in a
 #: dedicated process that it starts (``"process"``; see :mod:`zkv.owner.process`).
 OWNERS = ("embedded", "process")
@@ -78,6 +87,8 @@ class Options:
     heartbeat: float = 1.0
     blob_threshold: int = 1 << 20
     owner: str = "embedded"
+    snapshot: str | os.PathLike[str] | None = None
+    snapshot_every: float = 60.0
 
     def __post_init__(self) -> None:
         timeout = self.timeout
@@ -104,6 +115,15 @@ class Options:
         if self.owner not in OWNERS:
             raise ValueError(f"owner must be one of {', '.join(map(repr, OWNERS))}, not "
                              f"{self.owner!r}")
+        path = self.snapshot
+        if path is not None and (not isinstance(path, (str, os.PathLike))
+                                 or not isinstance(os.fspath(path), str) or not os.fspath(path)):
+            raise ValueError(f"snapshot must be a file path (str or os.PathLike) or None, not "
+                             f"{path!r}")
+        every = self.snapshot_every
+        if not _is_number(every) or not every > 0:  # NaN is not > 0
+            raise ValueError(f"snapshot_every must be a number of seconds > 0 (inf: save only "
+                             f"when the owner closes), not {every!r}")
 
     @classmethod
     def from_env(cls, overrides: Mapping[str, Any] | None = None,
@@ -126,7 +146,7 @@ class Options:
                 values[name] = overrides[name]
             elif environ.get(var):
                 raw = environ[var]
-                if name in ("keys", "owner"):
+                if name in _STRINGS:
                     values[name] = raw
                     from_env[name] = f"{var}={raw}"
                     continue

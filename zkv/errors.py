@@ -16,6 +16,7 @@ means the same thing, so that ``except TimeoutError`` or ``except ConnectionErro
      ├── StoreClosedError (RuntimeError)        the store was closed by this process
      ├── LockError (RuntimeError)               releasing a lock that is not held
      ├── ReentrancyError (RuntimeError)         a function the owner runs waited for the owner
+     ├── SnapshotError (ValueError)             a snapshot file is corrupt, foreign or in use
      ├── ProtocolError                          a peer sent frames zkv does not understand
      └── RemoteError                            the owner failed; the cause cannot be carried back
 
@@ -41,6 +42,7 @@ __all__ = [
     "ReentrancyError",
     "RemoteError",
     "SerializationError",
+    "SnapshotError",
     "StoreClosedError",
     "ZkvConnectionError",
     "ZkvError",
@@ -99,6 +101,12 @@ class LockError(ZkvError, RuntimeError):
 class ReentrancyError(ZkvError, RuntimeError):
     """A function that the owner runs (given to ``modify`` or ``transact``) made a call that
     waits for the owner itself: it could never be answered (see :mod:`zkv.reentry`)."""
+
+
+class SnapshotError(ZkvError, ValueError):
+    """A snapshot file cannot be loaded (it is corrupt, truncated, not a zkv snapshot, from a
+    newer zkv, or not private to this user) or is in use by another owner. The message names
+    the file; an owner that meets one does not start."""
 
 
 class ProtocolError(ZkvError):

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from .errors import LockError, ZkvTimeoutError
 
-__all__ = ["Lock", "LockTable"]
+__all__ = ["Lock", "LockHandle", "LockTable"]
 
 #: A waiter's callback: True when the lock is granted to it, False when its wait timed out.
 Grant = Callable[[bool], None]
@@ -147,7 +147,60 @@ class LockBackend(Protocol):
     def lock_release(self, name: str, token: bytes) -> bool: ...
 
 
-class Lock:
+class LockHandle:
+    """What a lock handle knows, without I/O: its name, its default wait, and the token it
+    holds the lock with. :class:`Lock` and :class:`zkv.AsyncLock` add the calls."""
+
+    def __init__(self, name: str, timeout: float | None) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"lock names must be str, not {type(name).__name__}")
+        self.name = name
+        self.timeout = _wait(timeout, "timeout")
+        self._token: bytes | None = None
+        self._pid = 0  # the process that holds it (a forked child only has a copy)
+
+    def _asking(self, blocking: bool, timeout: float | None) -> tuple[bytes, float | None]:
+        """A new token, and how long to wait (see ``acquire``)."""
+        if self.locked():
+            raise LockError(f"lock {self.name!r} is already held by this handle")
+        if not blocking:
+            wait: float | None = 0.0
+        elif timeout == -1:
+            wait = self.timeout
+        else:
+            wait = _wait(timeout, "timeout")
+        return os.urandom(16), wait
+
+    def _taken(self, token: bytes) -> None:
+        self._token = token
+        self._pid = os.getpid()
+
+    def _giving_back(self) -> bytes:
+        """The token to release the lock with (this handle no longer holds it)."""
+        if self._token is not None and self._pid != os.getpid():
+            raise LockError(f"lock {self.name!r} is held by process {self._pid}; this process "
+                            f"(a child forked while it was held) cannot release it")
+        token, self._token = self._token, None
+        if token is None:
+            raise LockError(f"lock {self.name!r} is not held by this handle")
+        return token
+
+    def _not_held(self) -> LockError:
+        return LockError(f"lock {self.name!r} was no longer held (its holder was dropped)")
+
+    def _timed_out(self) -> ZkvTimeoutError:
+        return ZkvTimeoutError(f"could not acquire lock {self.name!r} within {self.timeout}s")
+
+    def locked(self) -> bool:
+        """Whether this handle holds the lock (in this process: False in a forked child)."""
+        return self._token is not None and self._pid == os.getpid()
+
+    def __repr__(self) -> str:
+        state = "held" if self.locked() else "free"
+        return f"<zkv.{type(self).__name__} {self.name!r} {state}>"
+
+
+class Lock(LockHandle):
     """A cross-process lock named ``name``, from :meth:`zkv.Store.lock`.
 
     Use it as a context manager (``with store.lock("name"):``), which waits up to the
@@ -158,57 +211,29 @@ class Lock:
     """
 
     def __init__(self, backend: LockBackend, name: str, timeout: float | None) -> None:
-        if not isinstance(name, str):
-            raise TypeError(f"lock names must be str, not {type(name).__name__}")
+        super().__init__(name, timeout)
         self._backend = backend
-        self.name = name
-        self.timeout = _wait(timeout, "timeout")
-        self._token: bytes | None = None
-        self._pid = 0  # the process that holds it (a forked child only has a copy)
 
     def acquire(self, blocking: bool = True, timeout: float | None = -1) -> bool:
         """Take the lock. ``blocking=False`` tries once; ``timeout`` (seconds; the default is
         the lock's own; None or ``inf``: until it is free) bounds the wait. Returns whether the
         lock was taken."""
-        if self.locked():
-            raise LockError(f"lock {self.name!r} is already held by this handle")
-        if not blocking:
-            wait: float | None = 0.0
-        elif timeout == -1:
-            wait = self.timeout
-        else:
-            wait = _wait(timeout, "timeout")
-        token = os.urandom(16)
+        token, wait = self._asking(blocking, timeout)
         if self._backend.lock_acquire(self.name, token, wait):
-            self._token = token
-            self._pid = os.getpid()
+            self._taken(token)
             return True
         return False
 
     def release(self) -> None:
         """Release the lock. Raises LockError if this handle does not hold it, and in a
         forked child whose parent holds it (the lock stays with the parent)."""
-        if self._token is not None and self._pid != os.getpid():
-            raise LockError(f"lock {self.name!r} is held by process {self._pid}; this process "
-                            f"(a child forked while it was held) cannot release it")
-        token, self._token = self._token, None
-        if token is None:
-            raise LockError(f"lock {self.name!r} is not held by this handle")
-        if not self._backend.lock_release(self.name, token):
-            raise LockError(f"lock {self.name!r} was no longer held (its holder was dropped)")
-
-    def locked(self) -> bool:
-        """Whether this handle holds the lock (in this process: False in a forked child)."""
-        return self._token is not None and self._pid == os.getpid()
+        if not self._backend.lock_release(self.name, self._giving_back()):
+            raise self._not_held()
 
     def __enter__(self) -> Lock:
         if not self.acquire():
-            raise ZkvTimeoutError(f"could not acquire lock {self.name!r} within {self.timeout}s")
+            raise self._timed_out()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-    def __repr__(self) -> str:
-        state = "held" if self.locked() else "free"
-        return f"<zkv.Lock {self.name!r} {state}>"

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pickle
 from array import array
-from typing import Any, ParamSpec, TypeVar, cast
+from collections.abc import Sequence
+from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 import zmq
 
@@ -26,7 +27,7 @@ from .ops import ALL, Op
 from .pubsub import Subscriber, Topics
 from .state import MISSING
 
-__all__ = ["RemoteCore"]
+__all__ = ["RemoteCore", "encode_pipeline", "read_get", "read_pipeline"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -36,6 +37,70 @@ _SET = ops.SET.code
 _OK = int(wire.Status.OK)
 _NONE = int(wire.Status.NONE)
 _ERROR = int(wire.Status.ERROR)
+
+
+class _Closeable(Protocol):
+    def close(self) -> None: ...
+
+
+def read_get(status: int, reply: list[Any], default: Any) -> Any:
+    """The result of a ``get`` from its reply."""
+    if status == _OK:
+        if len(reply) == 1:
+            try:
+                return pickle.loads(reply[0])  # one pickle: the usual value
+            except Exception:
+                pass  # codec.loads says what is wrong with it, or reads a raw value
+        return codec.loads(reply)
+    if status == _NONE:
+        return default
+    raise wire.decode_error(reply)
+
+
+def encode_pipeline(calls: Sequence[Call]) -> tuple[list[Frame], Any]:
+    """The frames of a PIPELINE request, and the keys it reads or writes (a list, ``ALL``,
+    or None; see :meth:`Op.touches`)."""
+    index = array("I")
+    flat: list[Frame] = []
+    touched: list[str] = []
+    everything = False
+    for op, args in calls:
+        if not op.pipelined:
+            raise ProtocolError(f"{op.name} cannot be pipelined")
+        sub = op.encode(*args)
+        index.append(op.code)
+        index.append(len(sub))
+        flat.extend(sub)
+        keys = op.touches(args)
+        if keys is ALL:
+            everything = True
+        elif keys is not None:
+            touched.extend(keys)
+    return [index.tobytes(), *wire.pack_frames(flat)], ALL if everything else touched or None
+
+
+def read_pipeline(calls: Sequence[Call], status: int, reply: list[Any],
+                  out: list[Any]) -> list[Any]:
+    """The results of a pipeline from its reply (see :meth:`zkv.core.Core.execute`)."""
+    if status == _ERROR:
+        raise wire.decode_error(reply)
+    out_index = wire.read_index(reply[0], "I", "pipeline reply index")
+    if len(out_index) != 2 * len(calls):
+        raise ProtocolError("pipeline reply does not match the request")
+    results = wire.unpack_frames(reply[1:])
+    parts: list[tuple[int, list[Any]]] = []
+    at = 0
+    for i in range(len(calls)):
+        n = out_index[2 * i + 1]
+        parts.append((out_index[2 * i], results[at:at + n]))
+        at += n
+    replies = iter(parts)
+
+    def read(op: Op[..., Any], args: tuple[Any, ...]) -> Any:
+        sub_status, sub = next(replies)
+        return op.read(sub_status, sub, args)
+
+    return ops.run_all(calls, read, out)
 
 
 class RemoteCore:
@@ -48,6 +113,7 @@ class RemoteCore:
         self.conn = Connection(address, options)
         self.endpoint = address
         self._cache: ReadCache | None = None
+        self._attached: list[_Closeable] = []
 
     def owner_alive(self) -> bool:
         return not self.conn.lost and self.conn.owner_alive()
@@ -60,16 +126,7 @@ class RemoteCore:
             return self._cached_get(cache, key, default)
         status, reply, _before, _after = self.conn.request_small(
             _GET, key.encode("utf-8", "surrogatepass"), named=True)
-        if status == _OK:
-            if len(reply) == 1:
-                try:
-                    return pickle.loads(reply[0])  # one pickle: the usual value
-                except Exception:
-                    pass  # codec.loads says what is wrong with it, or reads a raw value
-            return codec.loads(reply)
-        if status == _NONE:
-            return default
-        raise wire.decode_error(reply)
+        return read_get(status, reply, default)
 
     def set(self, key: str, value: Any, ttl: float | None) -> None:
         frames = ops.SET.encode(key, value, ttl)
@@ -93,10 +150,15 @@ class RemoteCore:
         status, reply, _before, after = self.conn.request(op.code, frames,
                                                           named=op.named_reply)
         if self._cache is not None:
-            self._touched(op.touches(args), after)
+            self.touched(op.touches(args), after)
         return op.read(status, reply, args)
 
-    def _touched(self, keys: Any, version: int) -> None:
+    @property
+    def cache_enabled(self) -> bool:
+        """Whether this process keeps a read cache (whose floors replies must raise)."""
+        return self._cache is not None
+
+    def touched(self, keys: Any, version: int) -> None:
         """Keys that a reply read or wrote (up to change ``version``): the cache drops them
         and takes no older value for them from now on."""
         if keys is not None and self._cache is not None:
@@ -106,47 +168,10 @@ class RemoteCore:
         """Send queued operations as one PIPELINE request (see :class:`~zkv.core.Core`)."""
         if not calls:
             return out
-        index = array("I")
-        flat: list[Frame] = []
-        touched: list[str] = []
-        everything = False
-        for op, args in calls:
-            if not op.pipelined:
-                raise ProtocolError(f"{op.name} cannot be pipelined")
-            sub = op.encode(*args)
-            index.append(op.code)
-            index.append(len(sub))
-            flat.extend(sub)
-            keys = op.touches(args)
-            if keys is ALL:
-                everything = True
-            elif keys is not None:
-                touched.extend(keys)
-        frames = [index.tobytes(), *wire.pack_frames(flat)]
+        frames, touched = encode_pipeline(calls)
         status, reply, _before, after = self.conn.request(ops.PIPELINE.code, frames)
-        if everything:
-            self._touched(ALL, after)
-        elif touched:
-            self._touched(touched, after)
-        if status == _ERROR:
-            raise wire.decode_error(reply)
-        out_index = wire.read_index(reply[0], "I", "pipeline reply index")
-        if len(out_index) != 2 * len(calls):
-            raise ProtocolError("pipeline reply does not match the request")
-        results = wire.unpack_frames(reply[1:])
-        parts: list[tuple[int, list[Any]]] = []
-        at = 0
-        for i in range(len(calls)):
-            n = out_index[2 * i + 1]
-            parts.append((out_index[2 * i], results[at:at + n]))
-            at += n
-        replies = iter(parts)
-
-        def read(op: Op[..., Any], args: tuple[Any, ...]) -> Any:
-            sub_status, sub = next(replies)
-            return op.read(sub_status, sub, args)
-
-        return ops.run_all(calls, read, out)
+        self.touched(touched, after)
+        return read_pipeline(calls, status, reply, out)
 
     # -- the read cache ------------------------------------------------------------------------
 
@@ -214,7 +239,14 @@ class RemoteCore:
     def context(self) -> zmq.Context[Any]:
         return self.conn.context
 
+    def attach(self, other: _Closeable) -> None:
+        """Close ``other`` (which holds sockets of this connection: an asyncio client) before
+        the connection closes."""
+        self._attached.append(other)
+
     def close(self) -> None:
+        for other in self._attached:
+            other.close()
         if self._cache is not None:
             self._cache.close()
         self.conn.close()

@@ -136,6 +136,15 @@ class Entry:
             self.obj = obj  # safe to share from now on
         return obj
 
+    def encoded(self) -> list[Frame]:
+        """The value as frames, as :meth:`wire`, but without keeping them if they are made
+        now (a snapshot of many values set in the owner leaves no pickles behind). Raises
+        EncodeError."""
+        frames = self.frames
+        if frames is None:
+            return codec.dumps(self.obj)
+        return frames
+
     def wire(self) -> list[Frame]:
         """The value as frames (pickled now, once, if it was kept as an object).
 
@@ -320,6 +329,15 @@ class State:
             scans[cursor] = (keys, at, now)
             return cursor, page
 
+    def listing(self) -> tuple[int, dict[str, Entry], dict[str, float]]:
+        """Everything, read atomically, for a snapshot: the version, a copy of the dictionary
+        of entries and of the deadlines (monotonic) of the keys that have one. Copies of the
+        dictionaries only (no object per key is made: no garbage collection can start), so
+        the lock is held for as short as it can be; expired keys are removed first."""
+        with self.lock:
+            self._purge_due()
+            return self.version, self._data.copy(), self._deadlines.copy()
+
     def ttl(self, key: str) -> float | Any | None:
         """Seconds until ``key`` expires, None if it has no deadline, MISSING if it is
         missing."""
@@ -353,6 +371,14 @@ class State:
                 self.version += len(items)  # (stored first, counted second, as in _put)
                 return
             for key, entry in items:
+                self._put(key, entry)
+
+    def restore(self, items: Iterable[tuple[str, Entry, float | None]]) -> None:
+        """Set every ``(key, entry, ttl)`` (``ttl``: seconds, or None), as one step (a
+        snapshot being loaded)."""
+        with self.lock:
+            for key, entry, ttl in items:
+                self._set_deadline(key, ttl)
                 self._put(key, entry)
 
     def delete(self, key: str) -> Entry | None:

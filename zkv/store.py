@@ -31,10 +31,11 @@ from collections.abc import (
     MutableMapping,
     ValuesView,
 )
-from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar, runtime_checkable
+from typing import Any, NoReturn, ParamSpec, TypeVar, cast
 
+from . import calls, reentry
 from . import endpoint as _endpoint
-from . import ops, reentry
+from .calls import PipelineQueue, Plan
 from .config import Options
 from .core import Call, Core
 from .dispatch import Dispatcher
@@ -46,6 +47,7 @@ from .owner.process import OwnerProcess
 from .owner.process import start as start_owner_process
 from .pubsub import Subscriber, Topics
 from .remote import RemoteCore
+from .snapshot import SaveResult
 from .state import MISSING, check_ttl
 
 __all__ = ["Pipeline", "Store", "connect", "serve", "store"]
@@ -53,52 +55,6 @@ __all__ = ["Pipeline", "Store", "connect", "serve", "store"]
 F = TypeVar("F", bound=Callable[..., Any])
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-@runtime_checkable
-class _KeysAndGetItem(Protocol):
-    """What :meth:`dict.update` accepts as a mapping: ``keys()`` and ``[key]``."""
-
-    def keys(self) -> Iterable[str]: ...
-
-    def __getitem__(self, key: str, /) -> Any: ...
-
-
-def _bad_key(key: object) -> None:
-    if not isinstance(key, str):
-        raise TypeError(f"zkv keys must be str, not {type(key).__name__}: {key!r:.60}")
-
-
-def _check_amount(amount: object) -> None:
-    if type(amount) not in (int, float):
-        raise TypeError(f"incr amount must be an int or float, not {type(amount).__name__}")
-
-
-def _check_prefix(prefix: object) -> None:
-    if type(prefix) is not str:
-        raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
-
-
-class _KeysSnapshot(KeysView[str]):
-    """The keys of a store at one moment (``Store.keys()``): a set-like view of a list."""
-
-    def __init__(self, keys: list[str]) -> None:
-        self._keys = keys
-        self._set: set[str] | None = None
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __contains__(self, key: object) -> bool:
-        if self._set is None:
-            self._set = set(self._keys)
-        return key in self._set
-
-    def __repr__(self) -> str:
-        return f"zkv keys({self._keys!r})"
 
 
 class _Closed:
@@ -276,12 +232,19 @@ class Store(MutableMapping[str, Any]):
         role = "closed" if self._closed else ("owner" if self.is_owner else "client")
         return f"<zkv.Store {role} {self._endpoint}>"
 
+    def _run(self, plan: Plan[R]) -> R:
+        """Run a call planned by :mod:`zkv.calls` on this store's core."""
+        op = plan.op
+        result = None if op is None else self._core.call(op, *plan.args)
+        then = plan.then
+        return cast(R, result) if then is None else then(result)
+
     # -- basic key-value -------------------------------------------------------------------------
 
     def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key``, or ``default`` if it is missing (or expired)."""
         if type(key) is not str:
-            _bad_key(key)
+            calls.bad_key(key)
         return self._core.get(key, default)
 
     def set(self, key: str, value: Any, ttl: float | None = None) -> None:
@@ -290,7 +253,7 @@ class Store(MutableMapping[str, Any]):
         key's expiry). Raises :class:`~zkv.EncodeError` (naming the type) if ``value`` cannot
         be pickled, and TypeError/ValueError for a bad ``ttl``; the store is then unchanged."""
         if type(key) is not str:
-            _bad_key(key)
+            calls.bad_key(key)
         if ttl is not None:
             ttl = check_ttl(ttl)
         self._core.set(key, value, ttl)
@@ -298,30 +261,22 @@ class Store(MutableMapping[str, Any]):
     def delete(self, key: str, ignore_key_error: bool = True) -> bool:
         """Remove ``key``. Returns whether it existed; with ``ignore_key_error=False`` a
         missing key raises KeyError instead."""
-        if type(key) is not str:
-            _bad_key(key)
-        found = self._core.call(ops.DELETE, key)
-        if not found and not ignore_key_error:
-            raise KeyError(key)
-        return found
+        return self._run(calls.delete(key, ignore_key_error))
 
     def get_all(self, prefix: str = "") -> dict[str, Any]:
         """A copy of the whole store (of the keys starting with ``prefix``) as a dict, taken
         atomically. It holds the owner for its whole duration: for a large store, prefer
         :meth:`scan` and :meth:`get_many`."""
-        _check_prefix(prefix)
-        return self._core.call(ops.GET_ALL, prefix)
+        return self._run(calls.get_all(prefix))
 
     def keys(self, prefix: str = "") -> KeysView[str]:
         """A snapshot of the keys (starting with ``prefix``), taken atomically."""
-        _check_prefix(prefix)
-        return _KeysSnapshot(self._core.call(ops.KEYS, prefix))
+        return self._run(calls.keys(prefix))
 
     def delete_prefix(self, prefix: str) -> int:
         """Remove every key starting with ``prefix``, as one atomic step; return how many
         were removed. ``delete_prefix("")`` is :meth:`clear`."""
-        _check_prefix(prefix)
-        return self._core.call(ops.DELETE_PREFIX, prefix)
+        return self._run(calls.delete_prefix(prefix))
 
     def scan(self, prefix: str = "", count: int = 1000) -> Iterator[str]:
         """Yield the keys starting with ``prefix``, fetched ``count`` at a time: the key set
@@ -329,41 +284,26 @@ class Store(MutableMapping[str, Any]):
         present throughout the scan is yielded exactly once; one set or removed while it runs
         may or may not be. A scan not continued within a minute is forgotten by the owner
         (the next page raises KeyError)."""
-        _check_prefix(prefix)
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise ValueError(f"count must be an int >= 1, not {count!r}")
+        calls.check_scan(prefix, count)
         return self._scan(prefix, count)
 
     def _scan(self, prefix: str, count: int) -> Iterator[str]:
         cursor = 0
         while True:
-            cursor, page = self._core.call(ops.SCAN, cursor, prefix, count)
+            cursor, page = self._run(calls.scan_page(cursor, prefix, count))
             yield from page
             if cursor == 0:
                 return
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """The values of ``keys`` that exist, in one round trip, read atomically."""
-        keys = list(keys)
-        for key in keys:
-            if type(key) is not str:
-                _bad_key(key)
-        if not keys:
-            return {}
-        return self._core.call(ops.GET_MANY, keys)
+        return self._run(calls.get_many(keys))
 
     def set_many(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]],
                  ttl: float | None = None) -> None:
         """Set many keys in one round trip, as one atomic step (each with ``ttl``, as
         :meth:`set`)."""
-        pairs = list(items.items() if isinstance(items, Mapping) else items)
-        for key, _value in pairs:
-            if type(key) is not str:
-                _bad_key(key)
-        if ttl is not None:
-            ttl = check_ttl(ttl)
-        if pairs:
-            self._core.call(ops.SET_MANY, pairs, ttl)
+        self._run(calls.set_many(items, ttl))
 
     # -- expiry ----------------------------------------------------------------------------------
 
@@ -371,28 +311,16 @@ class Store(MutableMapping[str, Any]):
         """Make ``key`` expire ``seconds`` from now (on the owner's clock). Returns False if
         the key is missing. TypeError/ValueError for seconds that are not a finite number
         > 0."""
-        if type(key) is not str:
-            _bad_key(key)
-        ttl = check_ttl(seconds, "seconds")
-        if ttl is None:
-            raise TypeError("seconds must be a number of seconds, not None")
-        return self._core.call(ops.EXPIRE, key, ttl)
+        return self._run(calls.expire(key, seconds))
 
     def ttl(self, key: str) -> float | None:
         """Seconds until ``key`` expires, or None if it has no expiry. KeyError if the key is
         missing."""
-        if type(key) is not str:
-            _bad_key(key)
-        left = self._core.call(ops.TTL, key)
-        if left is MISSING:
-            raise KeyError(key)
-        return left
+        return self._run(calls.ttl(key))
 
     def persist(self, key: str) -> bool:
         """Remove the expiry of ``key``. Returns False if it is missing or had none."""
-        if type(key) is not str:
-            _bad_key(key)
-        return self._core.call(ops.PERSIST, key)
+        return self._run(calls.persist(key))
 
     # -- the mapping protocol --------------------------------------------------------------------
 
@@ -409,17 +337,15 @@ class Store(MutableMapping[str, Any]):
         self.delete(key, ignore_key_error=False)
 
     def __contains__(self, key: object) -> bool:
-        if not isinstance(key, str):
-            raise TypeError(f"zkv keys must be str, not {type(key).__name__}: {key!r:.60}")
-        return self._core.call(ops.CONTAINS, key)
+        return self._run(calls.contains(key))  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[str]:
         """Iterate over a snapshot of the keys."""
-        keys: list[str] = self._core.call(ops.KEYS, "")
+        keys: KeysView[str] = self._run(calls.keys())
         return iter(keys)
 
     def __len__(self) -> int:
-        return self._core.call(ops.LEN)
+        return self._run(calls.length())
 
     def items(self) -> ItemsView[str, Any]:
         """The (key, value) pairs of an atomic snapshot (one round trip)."""
@@ -431,20 +357,12 @@ class Store(MutableMapping[str, Any]):
 
     def clear(self) -> None:
         """Remove every key, as one atomic step."""
-        self._core.call(ops.CLEAR)
+        self._run(calls.clear())
 
-    def update(self, other: _KeysAndGetItem | Iterable[tuple[str, Any]] = (),
+    def update(self, other: Any = (),
                /, **kwargs: Any) -> None:
         """Like :meth:`dict.update`, as one atomic step in one round trip."""
-        pairs: list[tuple[str, Any]]
-        if isinstance(other, Mapping):
-            pairs = list(other.items())
-        elif isinstance(other, _KeysAndGetItem):  # as dict.update does
-            pairs = [(key, other[key]) for key in other.keys()]
-        else:
-            pairs = list(other)
-        pairs.extend(kwargs.items())
-        self.set_many(pairs)
+        self._run(calls.update(other, kwargs))
 
     def popitem(self) -> tuple[str, Any]:
         """Remove and return some (key, value) pair; KeyError if the store is empty."""
@@ -463,51 +381,32 @@ class Store(MutableMapping[str, Any]):
         re-raised here and nothing changes. The key keeps its expiry. ``fn`` blocks every other
         request while it runs: keep it short, and do not wait for the owner inside it (see
         :class:`~zkv.ReentrancyError`)."""
-        if type(key) is not str:
-            _bad_key(key)
-        if not callable(fn):
-            raise TypeError(f"modify needs a callable, not {type(fn).__name__}")
-        return self._core.call(ops.MODIFY, key, fn, default)
+        return self._run(calls.modify(key, fn, default))
 
     def incr(self, key: str, amount: int | float = 1) -> int | float:
         """Add ``amount`` to the number at ``key`` (missing counts as 0) atomically; return
         the new value. TypeError if the key holds something else than an int or float. The
         key keeps its expiry."""
-        if type(key) is not str:
-            _bad_key(key)
-        _check_amount(amount)
-        return self._core.call(ops.INCR, key, amount)
+        return self._run(calls.incr(key, amount))
 
     def decr(self, key: str, amount: int | float = 1) -> int | float:
         """``incr(key, -amount)``."""
-        _check_amount(amount)
-        return self.incr(key, -amount)
+        return self._run(calls.decr(key, amount))
 
     def setdefault(self, key: str, default: Any = None) -> Any:
         """The value of ``key``; if missing, set it to ``default`` first (atomically)."""
-        if type(key) is not str:
-            _bad_key(key)
-        return self._core.call(ops.SETDEFAULT, key, default)
+        return self._run(calls.setdefault(key, default))
 
     def pop(self, key: str, default: Any = MISSING) -> Any:
         """Remove ``key`` and return its value, atomically. If missing: ``default``, or
         KeyError when no default is given."""
-        if type(key) is not str:
-            _bad_key(key)
-        value = self._core.call(ops.POP, key)
-        if value is MISSING:
-            if default is MISSING:
-                raise KeyError(key)
-            return default
-        return value
+        return self._run(calls.pop(key, default))
 
     def compare_and_set(self, key: str, expected: Any, new: Any) -> bool:
         """Set ``key`` to ``new`` if its value equals ``expected`` (``zkv.MISSING``: if the
         key does not exist), atomically. Returns whether it was set. The key keeps its
         expiry."""
-        if type(key) is not str:
-            _bad_key(key)
-        return self._core.call(ops.CAS, key, expected, new)
+        return self._run(calls.compare_and_set(key, expected, new))
 
     def transact(self, fn: Callable[[Any], Any]) -> Any:
         """Run ``fn(mapping)`` in the owner with the whole store to itself, and return what it
@@ -515,9 +414,7 @@ class Store(MutableMapping[str, Any]):
         ``fn`` returns, and not at all if it raises (the exception is re-raised here). Values
         read from it are copies: assign them back to change the store. A key written keeps
         its expiry; a new key has none."""
-        if not callable(fn):
-            raise TypeError(f"transact needs a callable, not {type(fn).__name__}")
-        return self._core.call(ops.TRANSACT, fn)
+        return self._run(calls.transact(fn))
 
     def lock(self, name: str, timeout: float | None = None) -> Lock:
         """A cross-process lock named ``name`` (a context manager). ``timeout`` bounds the
@@ -532,10 +429,7 @@ class Store(MutableMapping[str, Any]):
         one this process read before; a write made elsewhere is seen once its invalidation
         arrives (see docs/guide.md, "Cached reads"). At most ``max_entries`` values are kept.
         In the owner this does nothing: its reads are local already."""
-        if type(prefix) is not str:
-            raise TypeError(f"prefix must be str, not {type(prefix).__name__}")
-        if isinstance(max_entries, bool) or not isinstance(max_entries, int) or max_entries < 1:
-            raise ValueError(f"max_entries must be a positive int, not {max_entries!r}")
+        calls.check_cache(prefix, max_entries)
         self._core.enable_cache(prefix, max_entries)
 
     def disable_cache(self, prefix: str | None = None) -> None:
@@ -557,9 +451,7 @@ class Store(MutableMapping[str, Any]):
         """Send ``data`` to every subscriber of ``channel``, in every process (this one
         included). From a client this costs no round trip; the owner gives every message its
         place in one order."""
-        if type(channel) is not str:
-            raise TypeError(f"channel names must be str, not {type(channel).__name__}")
-        self._core.call(ops.PUBLISH, channel, data)
+        self._run(calls.publish(channel, data))
 
     def subscribe(self, *channels: str, prefix: str | Iterable[str] | None = None) -> Subscriber:
         """A :class:`Subscriber` of ``channels`` (exact names) and/or channels starting with
@@ -646,7 +538,19 @@ class Store(MutableMapping[str, Any]):
         (seconds), and ``blob_files``/``blob_free``: files in ``/dev/shm`` that hold large
         values, and free ones kept a few seconds for reuse (see docs/guide.md, "Large
         values")."""
-        return self._core.call(ops.STATS)
+        return self._run(calls.stats())
+
+    def save(self, path: str | os.PathLike[str] | None = None) -> SaveResult:
+        """Write the whole store to the file ``path`` (None: the store's ``snapshot`` file),
+        atomically, with each key's remaining expiry, and return what was saved (a
+        :class:`~zkv.snapshot.SaveResult`). The store is held only while its entries are
+        listed (``pause``); pickling and writing happen meanwhile it serves. A value that
+        cannot be pickled (kept by reference in the owner) is left out and named in
+        ``skipped``. The file is on the owner's host; a relative ``path`` is taken from this
+        process's working directory. Raises OSError if it cannot be written (the file is then
+        untouched), ValueError if ``path`` is None and the store has no snapshot file. See
+        docs/guide.md, "Snapshots"."""
+        return self._run(calls.save(path))
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -721,7 +625,7 @@ class Store(MutableMapping[str, Any]):
 _NOT_SET: Any = object()
 
 
-class Pipeline:
+class Pipeline(PipelineQueue["Store"]):
     """Operations queued to be sent to the owner in one round trip, and applied there in
     order as one atomic step::
 
@@ -738,106 +642,16 @@ class Pipeline:
     at once, and returns the pipeline (so calls can be chained).
     """
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._calls: list[Call] = []
-        self._after: list[Callable[[Any], Any]] = []  # turns an op's result into the method's
-        self.results: list[Any] = []
-
-    def _queue(self, op: Op[..., Any], key: str, *args: Any,
-               then: Callable[[Any], Any] | None = None) -> Pipeline:
-        if type(key) is not str:
-            _bad_key(key)
-        self._calls.append((op, (key, *args)))
-        self._after.append(then or _same)
-        return self
-
-    def get(self, key: str, default: Any = None) -> Pipeline:
-        """Queue :meth:`Store.get`."""
-        return self._queue(ops.GET, key, then=lambda v: default if v is MISSING else v)
-
-    def set(self, key: str, value: Any, ttl: float | None = None) -> Pipeline:
-        """Queue :meth:`Store.set`."""
-        return self._queue(ops.SET, key, value, None if ttl is None else check_ttl(ttl))
-
-    def delete(self, key: str) -> Pipeline:
-        """Queue :meth:`Store.delete` (its result: whether the key existed)."""
-        return self._queue(ops.DELETE, key)
-
-    def incr(self, key: str, amount: int | float = 1) -> Pipeline:
-        """Queue :meth:`Store.incr`."""
-        _check_amount(amount)
-        return self._queue(ops.INCR, key, amount)
-
-    def modify(self, key: str, fn: Callable[[Any], Any], default: Any = None) -> Pipeline:
-        """Queue :meth:`Store.modify`."""
-        if not callable(fn):
-            raise TypeError(f"modify needs a callable, not {type(fn).__name__}")
-        return self._queue(ops.MODIFY, key, fn, default)
-
-    def setdefault(self, key: str, default: Any = None) -> Pipeline:
-        """Queue :meth:`Store.setdefault`."""
-        return self._queue(ops.SETDEFAULT, key, default)
-
-    def pop(self, key: str, default: Any = MISSING) -> Pipeline:
-        """Queue :meth:`Store.pop` (a missing key without a default: KeyError in
-        :attr:`results`)."""
-
-        def result(value: Any) -> Any:
-            if value is MISSING:
-                if default is MISSING:
-                    raise KeyError(key)
-                return default
-            return value
-        return self._queue(ops.POP, key, then=result)
-
-    def compare_and_set(self, key: str, expected: Any, new: Any) -> Pipeline:
-        """Queue :meth:`Store.compare_and_set`."""
-        return self._queue(ops.CAS, key, expected, new)
-
-    def contains(self, key: str) -> Pipeline:
-        """Queue ``key in store``."""
-        return self._queue(ops.CONTAINS, key)
-
-    def expire(self, key: str, seconds: float) -> Pipeline:
-        """Queue :meth:`Store.expire`."""
-        ttl = check_ttl(seconds, "seconds")
-        if ttl is None:
-            raise TypeError("seconds must be a number of seconds, not None")
-        return self._queue(ops.EXPIRE, key, ttl)
-
-    def persist(self, key: str) -> Pipeline:
-        """Queue :meth:`Store.persist`."""
-        return self._queue(ops.PERSIST, key)
-
-    def __len__(self) -> int:
-        return len(self._calls)
-
     def execute(self) -> list[Any]:
         """Send the queued operations; return their results in order."""
-        calls, self._calls = self._calls, []
-        after, self._after = self._after, []
-        self.results = results = []
+        calls, after = self._take()
         raw: list[Any] = []
         try:
             self._store._core.execute(calls, raw)
         except Exception:
             if len(raw) < len(calls):
                 raise  # the pipeline as a whole failed (the owner is gone, a timeout, ...)
-        first_error: BaseException | None = None
-        for then, value in zip(after, raw, strict=True):
-            if isinstance(value, BaseException):
-                results.append(value)
-            else:
-                try:
-                    results.append(then(value))
-                except Exception as exc:
-                    results.append(exc)
-            if first_error is None and isinstance(results[-1], BaseException):
-                first_error = results[-1]
-        if first_error is not None:
-            raise first_error
-        return results
+        return self._finish(after, raw)
 
     def __enter__(self) -> Pipeline:
         return self
@@ -845,10 +659,6 @@ class Pipeline:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         if exc_type is None:
             self.execute()
-
-
-def _same(value: Any) -> Any:
-    return value
 
 
 # -- the process-wide store -------------------------------------------------------------------
@@ -859,7 +669,7 @@ _GLOBAL_LOCK = threading.RLock()
 _hooks_pid: int | None = None
 
 
-def store(*, owner: str | None = None) -> Store:
+def store(**options: Any) -> Store:
     """The process-wide store: the same object on every call in one process.
 
     On first use it connects to the owner announced in ``ZKV_ENDPOINT`` (or, in a process
@@ -869,20 +679,31 @@ def store(*, owner: str | None = None) -> Store:
     multiprocessing child that finds no owner raises :class:`~zkv.NoOwnerError` instead of
     silently making a private store.
 
+    ``options`` (see :class:`zkv.Options`; they win over the environment) are those of the
+    store this call makes, owner or client: ``zkv.store(snapshot="data.zkv")`` makes an owner
+    that loads and saves that file (a client ignores the owner's settings). Once the store
+    exists, options that differ from its own raise ValueError, except ``owner``.
+
     ``owner`` (default ``ZKV_OWNER``, else ``"embedded"``) says where a new store's data
     lives: in this process, or (``"process"``) in a dedicated process that this one starts
     and that every process of the program, this one included, is a client of (see
-    :func:`serve`). It is ignored when the store already exists or is joined.
+    :func:`serve`). It is ignored when the store already exists or is joined, so that the
+    same ``zkv.store(owner="process")`` line may run in the main process and in its workers.
     """
     current = _GLOBAL
     if current is not None and not current.closed:
+        if options:
+            _check_options(current, options)
         return current
     with _GLOBAL_LOCK:
         if _GLOBAL is not None and not _GLOBAL.closed:
+            if options:
+                _check_options(_GLOBAL, options)
             return _GLOBAL
+        Options.from_env(options)  # a bad option fails before anything is done
         address = _endpoint.discover()
         if address:
-            made = connect(address)
+            made = connect(address, **options)
         elif multiprocessing.parent_process() is not None:
             raise NoOwnerError(
                 "this is a multiprocessing child and no zkv owner was found: "
@@ -890,9 +711,19 @@ def store(*, owner: str | None = None) -> Store:
                 "the store in the main process (zkv.store() or zkv.serve()) before starting "
                 "the workers, or pass its endpoint: zkv.connect(endpoint)")
         else:
-            made = serve() if owner is None else serve(owner=owner)
+            made = serve(**options)
         _set_global(made)
         return made
+
+
+def _check_options(made: Store, options: dict[str, Any]) -> None:
+    wanted = Options.from_env(options)
+    differ = sorted(name for name in options if name != "owner"
+                    and getattr(wanted, name) != getattr(made.options, name))
+    if differ:
+        raise ValueError(f"the process-wide zkv store exists already, with other settings "
+                         f"({', '.join(differ)}); pass options to the first zkv.store() call, "
+                         f"or use zkv.serve()/zkv.connect() for a store of its own")
 
 
 def _set_global(made: Store) -> None:

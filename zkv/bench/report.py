@@ -76,6 +76,12 @@ def _notes(case: CaseResult) -> str:
         p99 = max(rep.extra.get("p99", math.nan) for rep in case.reps)
         parts.append(f"mean latency {format_seconds(seconds / ops)}, worst p99 "
                      f"{format_seconds(p99)}")
+    saves = case.extra_total("saves")
+    if saves:
+        stall = max(rep.extra.get("stall", math.nan) for rep in case.reps)
+        parts.append(f"whole save {format_seconds((case.extra_total('save') or 0) / saves)}, "
+                     f"{(case.extra_total('bytes') or 0) / saves / 1e6:,.1f} MB; a client's "
+                     f"slowest get meanwhile {format_seconds(stall)}")
     unseen = case.extra_total("unseen")
     if unseen:
         parts.append(f"{unseen:,.0f} writes overtaken before they were read")

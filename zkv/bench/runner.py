@@ -142,6 +142,9 @@ class Row:
     targets: list[Target] = dataclasses.field(default_factory=list)
     note: str = ""
     setup: Callable[[], None] | None = None
+    #: Whether the cases are alternatives to compare with the first (False: sizes of one
+    #: workload, side by side, with no ratio).
+    compare: bool = True
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -215,7 +218,9 @@ class RowResult:
 
     def ratio(self, result: CaseResult, mine: CaseResult | None = None) -> float | None:
         """speed(mine) / speed(result), ``mine`` being zkv's reference case by default: >1
-        means zkv is faster."""
+        means zkv is faster (None: not compared; a row of sizes compares only in targets)."""
+        if mine is None and not self.row.compare:
+            return None
         ours, theirs = self.speed(mine or self.reference), self.speed(result)
         if ours is None or theirs is None or theirs == 0:
             return None

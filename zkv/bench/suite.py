@@ -12,6 +12,7 @@ import dataclasses
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.managers
+import os
 import shutil
 import sys
 import tempfile
@@ -40,6 +41,12 @@ ZPUB = "bare zmq PUB/SUB"
 ZPUB_RAW = "bare zmq PUB/SUB, raw"
 RPUB = "Redis pub/sub"
 QUEUE = "mp.Queue"
+ASYNC = "zkv async"
+ASYNC_UV = "zkv async, uvloop"
+SYNC = "zkv sync"
+ONE_BY_ONE = "zkv async, one by one"
+SNAP_SMALL = "zkv, 100,000 small keys"
+SNAP_LARGE = "zkv, 1 GB, 64 MB values"
 
 #: What each subject name in the table means.
 SUBJECTS = {
@@ -58,6 +65,15 @@ SUBJECTS = {
               "zkv does)",
     RPUB: "redis-py: one PUBLISH call per message; a PubSub per subscriber",
     QUEUE: "multiprocessing.Queue, one per subscriber (put into each)",
+    ASYNC: "zkv.AsyncStore in the child (asyncio's own event loop), over the same "
+           "connection as the sync store: `await kv.get(...)`",
+    ASYNC_UV: "the same on a uvloop event loop",
+    SYNC: "the child's sync store (`kv.get(...)`): what the async rows compare with",
+    ONE_BY_ONE: "the same AsyncStore, each get awaited before the next is sent",
+    SNAP_SMALL: "kv.save() in an owner of 100,000 keys of 16-byte str values set in the "
+                "owner (pickled while the file is written)",
+    SNAP_LARGE: "kv.save() in an owner of 16 bytes values of 64 MB each, set in the owner "
+                "(written as they are)",
 }
 
 HWM = 100_000
@@ -357,6 +373,7 @@ class Lab:
         out += [self._pubsub(_PubRow(k, latency=True)) for k in (1, 4)]
         out += [self._clients(n) for n in (1, 4, 16)]
         out.append(self._busy_owner())
+        out += [self._async_get(), self._async_gather(), self._snapshot_pause()]
         return out
 
     def _child_small(self, op: str) -> Row:
@@ -712,3 +729,92 @@ class Lab:
                  "process of its own",
             setup=lambda: self._seed([self.zkv(), standalone, dedicated, ("manager",)],
                                      [(key, *SMALL)]))
+
+    # -- asyncio ---------------------------------------------------------------------------------
+
+    def _async_get(self) -> Row:
+        s = self.settings
+        key = "small"
+
+        def case(loop: str) -> Callable[[bool], Rep]:
+            def run(warmup: bool) -> Rep:
+                (samples,) = self.agents.call(workloads.async_latency_loop, [{
+                    "spec": self.zkv(), "key": key, "loop": loop,
+                    "duration": 0.0 if warmup else s.latency_s,
+                    "min_ops": 1 if warmup else s.min_ops}])
+                return Rep(samples)
+            return run
+        lat: dict[str, Any] = dict(duration=s.latency_s, min_ops=s.min_ops)
+        return Row(
+            id="async_get", title="child awaited get, small value", metric="latency", unit="",
+            cases=[Case(ASYNC, case("asyncio")), Case(ASYNC_UV, case("uvloop")),
+                   Case(SYNC, self._latency(self.zkv(), "get", key, SMALL, **lat))],
+            targets=[Target("<=1.2x slower", against=SYNC, min_ratio=1 / 1.2)],
+            note="the same child and connection for every subject; 16-byte value",
+            setup=lambda: self._seed([self.zkv()], [(key, *SMALL)]))
+
+    def _async_gather(self) -> Row:
+        s = self.settings
+        key = "small"
+
+        def case(batch: int, loop: str) -> Callable[[bool], Rep]:
+            def run(warmup: bool) -> Rep:
+                (rate,) = self.agents.call(workloads.async_rate_loop, [{
+                    "spec": self.zkv(), "key": key, "batch": batch, "loop": loop,
+                    "duration": 0.01 if warmup else s.latency_s}])
+                return Rep([rate])
+            return run
+        return Row(
+            id="async_gather", title="child gets, 100 at a time (asyncio.gather)",
+            metric="rate", unit="gets/s",
+            cases=[Case(ASYNC, case(100, "asyncio")), Case(ASYNC_UV, case(100, "uvloop")),
+                   Case(ONE_BY_ONE, case(1, "asyncio")), Case(SYNC, case(1, "sync"))],
+            targets=[Target(">=1.5x faster", against=ONE_BY_ONE, min_ratio=1.5)],
+            note="the rate of gets from one event loop: 100 requests in flight at once "
+                 "against one at a time",
+            setup=lambda: self._seed([self.zkv()], [(key, *SMALL)]))
+
+    # -- snapshots -------------------------------------------------------------------------------
+
+    def _snapshot_owner(self, large: bool) -> Store:
+        """An owner of its own for the snapshot rows, filled once."""
+        name = "snap_large" if large else "snap_small"
+        made: Store | None = getattr(self, name, None)
+        if made is None:
+            made = serve()
+            self._later(made.close)
+            setattr(self, name, made)
+            made.set("probe", "x" * 16)
+            if large:
+                count, size = 16, self.settings.large_mb << 20
+                for i in range(count):
+                    made.set(f"large:{i}", bytes([i]) * size)
+            else:
+                count = 100_000 if self.settings.mode != "smoke" else 1000
+                made.set_many({f"key:{i}": workloads.make_value(*SMALL) for i in range(count)})
+        return made
+
+    def _snapshot_pause(self) -> Row:
+        def case(large: bool) -> Callable[[bool], Rep]:
+            def run(warmup: bool) -> Rep:
+                owner = self._snapshot_owner(large)
+                path = os.path.join(self.tmp, "bench.zkv")
+                with self.agents.session(workloads.stall_probe, [{
+                        "spec": ("zkv", owner.endpoint, False), "key": "probe",
+                        "max_wait": 300.0}]) as agents:
+                    agents.wait_ready()
+                    result = owner.save(path)
+                    agents.tell(workloads.STOP)
+                    (probe,) = agents.results()
+                os.unlink(path)
+                return Rep([result.pause], {"saves": 1.0, "save": result.seconds,
+                                            "bytes": float(result.bytes),
+                                            "stall": probe["worst"]})
+            return run
+        return Row(
+            id="snapshot_pause", title="snapshot: the store held for the listing",
+            metric="latency", unit="",
+            cases=[Case(SNAP_SMALL, case(False)), Case(SNAP_LARGE, case(True))], compare=False,
+            note="kv.save(path) in the owner; median and p99: how long the store's lock was "
+                 "held (the pause); then the whole save (pickling, writing, fsync, rename), "
+                 "and the slowest get a client did back to back meanwhile")

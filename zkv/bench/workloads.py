@@ -13,14 +13,16 @@ A *subject spec* says which store an agent talks to and is the key of its cached
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
 import zmq
 
+from ..aio import AsyncStore
 from ..errors import ZkvTimeoutError
 from ..store import Store, connect
 from . import baselines
@@ -32,6 +34,8 @@ __all__ = [
     "STOP",
     "ZkvKV",
     "ZkvSubscriber",
+    "async_latency_loop",
+    "async_rate_loop",
     "batch_loop",
     "latency_loop",
     "local_loop",
@@ -42,6 +46,7 @@ __all__ = [
     "publish_loop",
     "publisher_loop",
     "staleness_reader",
+    "stall_probe",
     "subscriber_loop",
     "throughput_loop",
 ]
@@ -250,6 +255,98 @@ def latency_loop(agent: Agent, spec: Spec, op: str, key: str, value: tuple[str, 
         samples.append((clock() - t0) / chunk)
         done += chunk
     return samples
+
+
+T = TypeVar("T")
+
+
+def _run_on(loop: str, coro: Coroutine[Any, Any, T]) -> T:
+    """``coro`` on an asyncio (``"asyncio"``) or uvloop (``"uvloop"``) event loop."""
+    if loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            coro.close()
+            raise NotAvailable("uvloop is not installed (pip install uvloop)") from None
+        return uvloop.run(coro)  # type: ignore[no-any-return]
+    return asyncio.run(coro)
+
+
+def async_latency_loop(agent: Agent, spec: Spec, key: str, duration: float, min_ops: int,
+                       loop: str = "asyncio") -> array[float]:
+    """Seconds per awaited ``get`` of an :class:`~zkv.AsyncStore` over the agent's zkv client
+    (its connection, the one the sync rows use), for ``duration`` seconds and at least
+    ``min_ops`` gets, on a new event loop of the kind ``loop`` names."""
+    store = AsyncStore(open_kv(agent, spec).store)
+
+    async def measure() -> array[float]:
+        get = store.get
+        await get(key)  # the loop's socket, opened
+        clock = time.perf_counter
+        samples: array[float] = array("d")
+        end = clock() + duration
+        while len(samples) < min_ops or clock() < end:
+            t0 = clock()
+            await get(key)
+            samples.append(clock() - t0)
+        return samples
+    return _run_on(loop, measure())
+
+
+def async_rate_loop(agent: Agent, spec: Spec, key: str, duration: float, batch: int,
+                    loop: str = "asyncio") -> float:
+    """Gets per second for ``duration`` seconds: ``batch`` gets of an AsyncStore at a time
+    (``asyncio.gather``; 1: awaited one by one), or (``loop="sync"``) the sync store's gets
+    one by one."""
+    kv = open_kv(agent, spec)
+    if loop == "sync":
+        get_sync = kv.store.get
+        get_sync(key)
+        clock = time.perf_counter
+        t0 = clock()
+        end = t0 + duration
+        done = 0
+        while clock() < end:
+            get_sync(key)
+            done += 1
+        return done / (clock() - t0)
+    store = AsyncStore(kv.store)
+
+    async def measure() -> float:
+        get = store.get
+        await get(key)
+        many: Callable[[], Awaitable[Any]] = \
+            (lambda: asyncio.gather(*[get(key) for _ in range(batch)])) if batch > 1 \
+            else (lambda: get(key))
+        clock = time.perf_counter
+        t0 = clock()
+        end = t0 + duration
+        done = 0
+        while clock() < end:
+            await many()
+            done += batch
+        return done / (clock() - t0)
+    return _run_on(loop, measure())
+
+
+def stall_probe(agent: Agent, spec: Spec, key: str, max_wait: float) -> dict[str, float]:
+    """Gets back to back until told STOP: the slowest one (seconds) and how many."""
+    kv = open_kv(agent, spec)
+    get = kv.store.get
+    get(key)
+    agent.ready()
+    worst = 0.0
+    count = 0
+    clock = time.perf_counter
+    deadline = time.monotonic() + max_wait
+    while agent.message() != STOP and time.monotonic() < deadline:
+        t0 = clock()
+        get(key)
+        elapsed = clock() - t0
+        if elapsed > worst:
+            worst = elapsed
+        count += 1
+    return {"worst": worst, "gets": float(count)}
 
 
 def batch_loop(agent: Agent, spec: Spec, op: str, n_keys: int, duration: float,

@@ -152,9 +152,14 @@ class Op(Generic[P, R]):
 
     def local(self, ctx: Context, *args: Any) -> R:
         """Apply the operation in the owner's own process, to objects."""
-        value = self.apply(ctx, *[kind.local(arg) for kind, arg in
-                                  zip(self.args, args, strict=True)])
+        value = self.apply(ctx, *self.local_args(args))
         return cast(R, self.result.local(value, args))
+
+    def local_args(self, args: Sequence[Any]) -> list[Any]:
+        """What ``apply`` gets in the owner's own process (values to store are pickled here):
+        ``local`` is ``result.local(apply(ctx, *local_args(args)), args)``, in three steps for
+        a caller that holds the store's lock only for the middle one."""
+        return [kind.local(arg) for kind, arg in zip(self.args, args, strict=True)]
 
 
 # -- what the owner does --------------------------------------------------------------------------
@@ -307,6 +312,10 @@ def _cache_sync(ctx: Context) -> int:
     return ctx.cache_sync()
 
 
+def _save(ctx: Context, path: str) -> Any:
+    return ctx.save(path)
+
+
 def _pipeline(ctx: Context, *args: Any) -> Any:
     raise ProtocolError("a pipeline is served by the owner's loop itself")  # pragma: no cover
 
@@ -397,13 +406,17 @@ SCAN: Op[[int, str, int], tuple[int, list[str]]] = Op(
     "scan", 34, (k.INT, k.NAME, k.INT), k.PICKLE, _scan,
     "a page of keys (cursor 0 starts a scan; count keys at most) and the next cursor (0: "
     "done)", pipelined=False)
+SAVE: Op[[str], dict[str, Any]] = Op(
+    "save", 35, (k.NAME,), k.JSON, _save,
+    "write the whole store to a file (a path on the owner's host; empty: its snapshot file), "
+    "atomically; answered when written, with what was saved", pipelined=False)
 
 #: Every operation, by name.
 OPS: dict[str, Op[..., Any]] = {op.name: op for op in (
     GET, SET, DELETE, PIPELINE, GET_ALL, KEYS, LEN, CONTAINS, CLEAR, MODIFY, INCR,
     SETDEFAULT, POP, CAS, TRANSACT, LOCK, UNLOCK, PUBLISH, BYE, STATS, CACHE_WATCH,
     CACHE_UNWATCH, CACHE_SYNC, GET_MANY, SET_MANY, EXPIRE, TTL, PERSIST, DELETE_PREFIX,
-    SCAN)}
+    SCAN, SAVE)}
 #: Every operation, by code.
 BY_CODE: dict[int, Op[..., Any]] = {op.code: op for op in OPS.values()}
 assert len(BY_CODE) == len(OPS), "two operations share a code"

@@ -50,3 +50,8 @@ class Context(Protocol):
     def cache_sync(self) -> int: ...
 
     def stats(self) -> dict[str, int]: ...
+
+    def save(self, path: str) -> Any:
+        """Write a snapshot to ``path`` (empty: the store's snapshot file): what was saved
+        (:meth:`zkv.snapshot.SaveResult.to_dict`), or :data:`DEFERRED` (answered when the
+        file is written)."""

@@ -20,6 +20,7 @@ from ..core import Call
 from ..dispatch import Dispatcher
 from ..ops import Op
 from ..pubsub import Subscriber, Topics
+from ..snapshot import Snapshots
 from ..state import Entry, State
 from .loop import Owner
 from .outbox import Publish
@@ -36,9 +37,10 @@ class LocalContext:
 
     remote = False
 
-    def __init__(self, owner: Owner) -> None:
+    def __init__(self, owner: Owner, snapshots: Snapshots) -> None:
         self.state: State = owner.state
         self._owner = owner
+        self._snapshots = snapshots
 
     def entry_frames(self, entry: Entry) -> list[Frame]:
         return entry.wire()
@@ -92,6 +94,9 @@ class LocalContext:
     def stats(self) -> dict[str, int]:
         return self._owner.stats()
 
+    def save(self, path: str) -> Any:
+        return self._snapshots.save(path).to_dict()
+
 
 class LocalCore:
     """Store operations for the process that owns the data (a :class:`~zkv.core.Core`)."""
@@ -100,13 +105,27 @@ class LocalCore:
 
     def __init__(self, options: Options, address: str | None = None) -> None:
         self.options = options
-        self.owner = Owner(options, address)
+        #: Loaded before anything is bound: a bad snapshot file leaves nothing behind.
+        self.snapshots = Snapshots(options.snapshot, options.snapshot_every)
+        self.snapshots.open()
+        try:
+            self.owner = Owner(options, address)
+        except BaseException:
+            self.snapshots.close()
+            raise
+        self.snapshots.start(self.owner.state)
+        self.owner.requests.snapshots = self.snapshots
         self.owner.start()
         self.state = self.owner.state
-        self._ctx = LocalContext(self.owner)
+        self._ctx = LocalContext(self.owner, self.snapshots)
         self.endpoint = self.owner.endpoint
         self._zmq: zmq.Context[Any] = self.owner.bound.ctx
         self._pub = self.owner.bound.inproc_pub
+
+    @property
+    def op_context(self) -> LocalContext:
+        """The :class:`~zkv.ops.Context` this core applies operations with."""
+        return self._ctx
 
     @property
     def context(self) -> zmq.Context[Any]:
@@ -158,3 +177,4 @@ class LocalCore:
 
     def close(self) -> None:
         self.owner.close()
+        self.snapshots.close()  # after the loop: the last save has every change

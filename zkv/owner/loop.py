@@ -27,7 +27,7 @@ from ..state import Entry, State
 from .binding import Bound, bind
 from .fanout import Fanout
 from .gil import GilWatch
-from .outbox import Change, Grant, Outbox, Publish
+from .outbox import Change, Grant, Outbox, Publish, Reply
 from .requests import Requests
 from .sessions import Refusals, Sessions
 
@@ -223,6 +223,8 @@ class Owner:
                 fanout.publish(item.channel, item.frames, version)
             elif type(item) is Grant:
                 self.requests.send_grant(item)
+            elif type(item) is Reply:
+                self.requests.send_reply(item)
 
     def _tick(self, now: float) -> None:
         """Housekeeping, every TICK: blob files, dead clients, lock deadlines, expired keys."""

@@ -1,6 +1,7 @@
 """Work that the owner's other threads hand to its loop thread, which alone owns the sockets.
 
-What owner threads publish, the change events of what they write, and lock grants are put on
+What owner threads publish, the change events of what they write, lock grants and the late
+replies of requests that another thread completed (a save) are put on
 the :class:`Outbox` (change events under the state lock, so in the order the changes were
 applied), and the loop is woken. A thread that fills the outbox past :data:`LIMIT` waits for
 the loop to catch up (publishing, or writing watched keys, in a tight loop then goes at the
@@ -20,7 +21,7 @@ from ..errors import ZkvTimeoutError
 from ..sockets import Waker
 from ..state import Entry
 
-__all__ = ["LIMIT", "Change", "Grant", "Item", "Outbox", "Publish"]
+__all__ = ["LIMIT", "Change", "Grant", "Item", "Outbox", "Publish", "Reply"]
 
 #: Items queued before owner threads wait for the loop.
 LIMIT = 4096
@@ -54,7 +55,17 @@ class Grant:
     granted: bool
 
 
-Item = Publish | Change | Grant
+@dataclasses.dataclass(slots=True)
+class Reply:
+    """The late answer to a request that another thread completes (a save): sent as it is."""
+
+    routing_id: bytes
+    rid: int
+    status: int
+    frames: list[Frame]
+
+
+Item = Publish | Change | Grant | Reply
 
 
 class Outbox:

@@ -8,11 +8,12 @@ reply carrying it, with the owner's traceback; a malformed request is also refus
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
 from array import array
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -26,8 +27,11 @@ from ..sockets import send_frames
 from ..state import Entry, State
 from .binding import Bound
 from .fanout import Fanout
-from .outbox import Grant, Outbox, Publish
+from .outbox import Grant, Outbox, Publish, Reply
 from .sessions import Refusals, Sessions
+
+if TYPE_CHECKING:
+    from ..snapshot import SaveResult, Snapshots
 
 __all__ = ["Requests"]
 
@@ -65,6 +69,8 @@ class Requests:
         self.routing_id = b""
         self.rid = 0
         self._decoded: list[Any] = []
+        #: The owner's snapshots (set by the owner-local core, which makes them).
+        self.snapshots: Snapshots | None = None
 
     # -- serving ---------------------------------------------------------------------------------
 
@@ -265,6 +271,27 @@ class Requests:
 
     def stats(self) -> dict[str, int]:
         return self._stats()
+
+    def save(self, path: str) -> Any:
+        """List the store now (the pause), and answer when another thread has written the
+        file: the loop goes on serving meanwhile."""
+        if self.snapshots is None:
+            raise RuntimeError("this owner has no snapshots")
+        routing_id, rid, outbox = self.routing_id, self.rid, self._outbox
+
+        def answer(done: concurrent.futures.Future[SaveResult]) -> None:
+            try:
+                status, frames = ops.SAVE.result.reply(done.result().to_dict(), self)
+            except BaseException as exc:
+                status, frames = _ERROR, wire.encode_error(exc)
+            outbox.put(Reply(routing_id, rid, status, frames))
+
+        self.snapshots.submit(path).add_done_callback(answer)
+        return DEFERRED
+
+    def send_reply(self, reply: Reply) -> None:
+        """Send a late reply (from the outbox)."""
+        self._reply(reply.routing_id, reply.rid, reply.status, reply.frames, self.state.version)
 
     def send_grant(self, grant: Grant) -> None:
         """Answer a lock wait that ended (from the outbox)."""
