@@ -20,6 +20,9 @@ from store_helpers import call_in_child, owner_process
 
 import zkv
 
+#: Behaviour of the store: runs on every backend (see conftest.py).
+pytestmark = pytest.mark.contract
+
 # -- functions run in children (module level: every start method can import them) -------------
 
 
