@@ -113,6 +113,7 @@ def _connect(url: redis_url.RedisURL, timeout: float | None, space: KeySpace
     # RESP2: subscriptions are read as plain replies (redis-py 8 speaks RESP3 by default).
     common: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
                               "retry": Retry(NoBackoff(), 0), "protocol": 2,
+                              "max_connections": 1 << 16,  # (one per thread at most)
                               **url.connection_kwargs()}
     if url.kind == "single":
         if url.path is not None:
@@ -223,7 +224,8 @@ class RedisCore:
 
     def new_connection(self) -> Any:
         """A connection of its own, outside the pool (for subscriptions)."""
-        return self.client.connection_pool.make_connection()
+        pool = self.client.connection_pool
+        return pool.connection_class(**pool.connection_kwargs)
 
     def retries(self, what: str) -> Iterator[int]:
         """Attempt numbers for an optimistic operation, with backoff between them; raises
