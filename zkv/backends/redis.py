@@ -28,19 +28,12 @@ import os
 import pickle
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from ..config import Options
 from ..core import Call
-from ..errors import (
-    AuthenticationError,
-    DecodeError,
-    StoreClosedError,
-    ZkvConnectionError,
-    ZkvError,
-    ZkvTimeoutError,
-)
+from ..errors import AuthenticationError, ZkvConnectionError, ZkvError, ZkvTimeoutError
 from ..ops import Op
 from ..pubsub import Subscriber, Topics
 from . import ContentionError, UnsupportedError, redis_codec, redis_url
@@ -51,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..dispatch import Dispatcher
     from .redis_locks import LockKeeper
 
-__all__ = ["INSTALL_HINT", "RedisCore", "translate"]
+__all__ = ["INSTALL_HINT", "RedisCore", "check_security", "ms", "translate"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -122,15 +115,18 @@ def _connect(url: redis_url.RedisURL, timeout: float | None, space: KeySpace
         host, port = url.hosts[0]
         return redis.Redis(host=host, port=port, **common), None
     if url.kind == "sentinel":
-        from redis.sentinel import Sentinel
+        from redis.sentinel import Sentinel as _Sentinel
 
+        Sentinel: Any = _Sentinel
         sentinel_kwargs = {k: v for k, v in common.items() if k != "db"}
         sentinel = Sentinel(list(url.hosts), sentinel_kwargs=sentinel_kwargs, **common)
         return sentinel.master_for(url.service), None
-    from redis.cluster import ClusterNode, RedisCluster
+    from redis.cluster import ClusterNode as _ClusterNode
+    from redis.cluster import RedisCluster
 
+    ClusterNode: Any = _ClusterNode
     common.pop("retry")
-    cluster = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in url.hosts],
+    cluster: Any = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in url.hosts],
                            **common)
     node = cluster.get_node_from_key(space.version)
     client = cluster.get_redis_connection(node)
@@ -245,9 +241,8 @@ class RedisCore:
     # -- the two most frequent calls, on their shortest paths ----------------------------------
 
     def get(self, key: str, default: Any) -> Any:
-        name = self._prefix + key
-        if not name.isascii():
-            name = name.encode("utf-8", "surrogatepass")
+        text = self._prefix + key
+        name: str | bytes = text if text.isascii() else text.encode("utf-8", "surrogatepass")
         try:
             raw = self._execute("GET", name)
         except self._redis_error as exc:
@@ -263,9 +258,8 @@ class RedisCore:
 
     def set(self, key: str, value: Any, ttl: float | None) -> None:
         data = _dumps(value)
-        name = self._prefix + key
-        if not name.isascii():
-            name = name.encode("utf-8", "surrogatepass")
+        text = self._prefix + key
+        name: str | bytes = text if text.isascii() else text.encode("utf-8", "surrogatepass")
         try:
             try:
                 self._execute("EVALSHA", SET.sha, 2, name, self._version_key, data,
@@ -359,23 +353,3 @@ class RedisCore:
         except Exception:  # pragma: no cover - closing anyway
             pass
 
-    def check_open(self) -> None:
-        if self._closed:
-            raise StoreClosedError("this zkv store is closed")
-
-
-def decode(raw: bytes) -> Any:
-    """A stored value (see :mod:`~zkv.backends.redis_codec`)."""
-    return _decode(raw)
-
-
-def decode_or_missing(raw: bytes | None, missing: Any) -> Any:
-    return missing if raw is None else _decode(raw)
-
-
-def call_user(fn: Callable[[Any], Any], arg: Any) -> Any:
-    """Run a user's function (``modify``/``transact``) in this process."""
-    return fn(arg)
-
-
-__all__ += ["DecodeError"]  # (re-exported for the backend's modules)

@@ -14,7 +14,6 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .. import codec
 from ..state import MISSING
 from . import redis_codec
 from .redis_scripts import (
@@ -198,8 +197,8 @@ def pack_names(names: list[Any]) -> bytes:
 def _set_many(core: RedisCore, items: list[tuple[str, Any]], ttl: float | None) -> None:
     keys = [k for k, _ in items]
     if len(set(keys)) != len(keys):  # the same key twice: the last value wins, events for each
-        from .redis_txn import execute
         from ..ops import SET
+        from .redis_txn import execute
 
         execute(core, [(SET, (k, v, ttl)) for k, v in items], [])
         return
@@ -354,5 +353,3 @@ NOT_APPLICABLE: dict[str, str] = {
     "cache_unwatch": "the zkv read cache's bookkeeping (the cache is refused on Redis)",
     "cache_sync": "the zkv read cache's bookkeeping (the cache is refused on Redis)",
 }
-
-_ = codec  # (zkv's codec makes every value: see redis_codec)

@@ -206,9 +206,9 @@ class _Stream:
                 gone_patterns.append(pattern)
         # Forget what was received on channels nobody follows now: a later subscription
         # starts from its own welcome, without counting what was published meanwhile.
-        for name in channels:
-            if self.core.space.channel(name) not in self._channels:
-                self._welcomed.discard(_enc(name))
+        for channel in channels:
+            if self.core.space.channel(channel) not in self._channels:
+                self._welcomed.discard(_enc(channel))
         for prefix in prefixes:
             if self.core.space.channel_pattern(prefix) not in self._patterns:
                 self._welcomed_prefixes.discard(_enc(prefix))
@@ -256,8 +256,7 @@ class _Stream:
                 self._lost(exc)
                 continue
             item = self._handle(reply)
-            if item is not None:
-                return item
+            return _SKIP if item is None else item  # (the caller looks at what changed)
 
     def _wait(self, seconds: float) -> bool:
         """Wait for the socket (or the waker); True if something may be readable."""
@@ -523,7 +522,7 @@ def _enable_expiry_events(core: RedisCore) -> None:
 class RedisSubscriber(Subscriber):
     """A :class:`zkv.Subscriber` on Redis (same interface; see the module docstring)."""
 
-    def __init__(self, core: RedisCore, topics: Topics, what: str) -> None:  # noqa: D107
+    def __init__(self, core: RedisCore, topics: Topics, what: str) -> None:
         if not topics:
             raise ValueError("subscribe to at least one channel or prefix")
         if topics.namespace not in (wire.CHANNEL_TOPIC, wire.KEY_TOPIC):
@@ -625,7 +624,9 @@ class RedisSubscriber(Subscriber):
                 if self._closed:
                     raise StoreClosedError("this subscriber is closed")
                 item = self._pending.popleft() if self._pending else self._stream.next(0)
-                if item is not None and item is not _SKIP:
+                if item is _SKIP:
+                    continue  # (a confirmation or a welcome: more may be buffered)
+                if item is not None:
                     got = self._decode(item, True)
                     if got is not _SKIP:
                         return got  # type: ignore[no-any-return]
@@ -636,7 +637,7 @@ class RedisSubscriber(Subscriber):
                 continue
             readable = loop.create_future()
             fd = sock.fileno()
-            loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+            loop.add_reader(fd, _resolve, readable)
             self._async_waiter = readable
             try:
                 await asyncio.wait_for(readable, _SLICE)
@@ -708,6 +709,11 @@ class RedisSubscriber(Subscriber):
                f"dropped={self.dropped}>"
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 def _cancelling() -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
@@ -736,10 +742,10 @@ class RedisDispatcher(Dispatcher):
     run one at a time, in the order Redis delivered the messages (see
     :class:`zkv.dispatch.Dispatcher`)."""
 
-    def __init__(self, core: RedisCore) -> None:  # noqa: D107 (the parent's is not used)
+    def __init__(self, core: RedisCore) -> None:
         self._core = core
-        self._timeout = core.timeout
-        self._handlers: list[_Handler] = []
+        self._wait_limit = core.timeout
+        self._rhandlers: list[_Handler] = []
         self._runners: dict[int, _AsyncRunner] = {}
         self._mutex = threading.Lock()
         self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
@@ -769,31 +775,31 @@ class RedisDispatcher(Dispatcher):
                            [_enc(p) for p in prefixes], keys)
         done = threading.Event()
         with self._mutex:
-            self._handlers.append(handler)
+            self._rhandlers.append(handler)
             self._start()
             self._commands.append(("add", handler, done))
         self._waker.wake()
         if threading.current_thread() is self._thread:
             return
-        if not done.wait(self._timeout):
-            self._drop(handler)
+        if not done.wait(self._wait_limit):
+            self._unregister(handler)
             raise self._failed or ZkvTimeoutError(
-                f"Redis did not confirm a subscription within {self._timeout}s")
+                f"Redis did not confirm a subscription within {self._wait_limit}s")
         if self._failed is not None:
-            self._drop(handler)
+            self._unregister(handler)
             raise self._failed
 
     def remove(self, callback: Callable[[Any], Any]) -> int:
         with self._mutex:
-            gone = [h for h in self._handlers if h.callback == callback]
+            gone = [h for h in self._rhandlers if h.callback == callback]
         for handler in gone:
-            self._drop(handler)
+            self._unregister(handler)
         return len(gone)
 
-    def _drop(self, handler: _Handler) -> None:
+    def _unregister(self, handler: _Handler) -> None:
         with self._mutex:
-            if handler in self._handlers:
-                self._handlers.remove(handler)
+            if handler in self._rhandlers:
+                self._rhandlers.remove(handler)
                 handler.live = False
                 self._commands.append(("remove", handler))
         self._waker.wake()
@@ -864,7 +870,7 @@ class RedisDispatcher(Dispatcher):
     def _dispatch(self, item: Any) -> None:
         kind, name, seq, data = item
         with self._mutex:
-            handlers = [h for h in self._handlers
+            handlers = [h for h in self._rhandlers
                         if h.live and h.keys == (kind != _MSG) and h.matches(name)]
         if not handlers:
             return

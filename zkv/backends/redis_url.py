@@ -142,11 +142,11 @@ def parse(url: str) -> RedisURL:
         if password is None and username is not None:  # redis://secret@host is a password
             username, password = None, username
     query: dict[str, str] = {}
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+    for name, text in parse_qsl(parts.query, keep_blank_values=True):
         if name not in _KNOWN:
             raise ValueError(f"unknown argument {name!r} in a Redis URL; known: "
                              f"{', '.join(_KNOWN)}")
-        query[name] = value
+        query[name] = text
     if "password" in query or "username" in query:  # pragma: no cover - refused above
         raise ValueError("give credentials as user:password@ in a Redis URL")
     namespace = query.get("namespace", DEFAULT_NAMESPACE)
@@ -229,9 +229,9 @@ def redact(url: str) -> str:
         return url
     netloc_end = len(rest)
     for stop in "/?#":
-        at = rest.find(stop)
-        if at != -1:
-            netloc_end = min(netloc_end, at)
+        found = rest.find(stop)
+        if found != -1:
+            netloc_end = min(netloc_end, found)
     netloc, tail = rest[:netloc_end], rest[netloc_end:]
     userinfo, at, hostpart = netloc.rpartition("@")
     if not at:
