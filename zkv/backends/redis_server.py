@@ -32,11 +32,25 @@ def _die_with_parent() -> None:
         pass
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+def free_port(below: int = 65536) -> int:
+    """A TCP port on 127.0.0.1, lower than ``below``, that was free a moment ago (a Redis
+    Cluster node needs its port + 10000 too: ``below=55536``)."""
+    for _ in range(1000):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port < below and (below == 65536 or _free(port + 10000)):
+            return port
+    raise OSError(f"no free TCP port below {below}")
+
+
+def _free(port: int) -> bool:
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 class RedisUnavailable(Exception):

@@ -25,7 +25,7 @@ import ipaddress
 import math
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 __all__ = ["DEFAULT_LEASE", "DEFAULT_NAMESPACE", "RedisURL", "parse", "redact", "with_query"]
 
@@ -212,14 +212,15 @@ def parse(url: str) -> RedisURL:
 def with_query(url: str, extra: Mapping[str, Any]) -> str:
     """``url`` with the query arguments ``extra`` added (replacing any of the same name);
     ``True``/``False`` become 1/0."""
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+    base, _, rest = url.partition("?")
+    query_text, hash_, fragment = rest.partition("#")
+    query = [(k, v) for k, v in parse_qsl(query_text, keep_blank_values=True)
              if k not in extra]
     for name, value in extra.items():
         if isinstance(value, bool):
             value = int(value)
         query.append((name, str(value)))
-    return urlunsplit(parts._replace(query=urlencode(query, quote_via=quote)))
+    return f"{base}?{urlencode(query, quote_via=quote)}{hash_}{fragment}"
 
 
 def redact(url: str) -> str:
