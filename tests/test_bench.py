@@ -25,6 +25,7 @@ ROWS = {
     "pub_worker_1", "pub_worker_receive_1", "pub_worker_iter_1", "pub_worker_callback_1",
     "pub_float_1", "pub_latency_1", "pub_latency_4",
     "clients_1", "clients_4", "clients_16", "busy_owner",
+    "redis_get", "redis_set", "redis_get_many", "redis_set_many", "redis_pub_1",
 }
 REPORTED = {"ok", "skipped", "not available"}
 

@@ -11,7 +11,9 @@ forgotten here.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import sys
+from array import array
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..state import MISSING
@@ -180,7 +182,7 @@ def _persist(core: RedisCore, key: str) -> bool:
 # -- many keys -----------------------------------------------------------------------------------
 
 def _get_many(core: RedisCore, keys: list[str]) -> dict[str, Any]:
-    raws = core.command("MGET", *core.space.keys(keys))
+    raws = core.fast("MGET", *core.space.keys(keys))
     if None in raws:
         found = [(k, raw) for k, raw in zip(keys, raws, strict=True) if raw is not None]
         return dict(zip([k for k, _ in found], redis_codec.loads_many([r for _, r in found]),
@@ -188,14 +190,26 @@ def _get_many(core: RedisCore, keys: list[str]) -> dict[str, Any]:
     return dict(zip(keys, redis_codec.loads_many(raws), strict=True))
 
 
-def pack_names(names: list[Any]) -> bytes:
-    """Data keys for the NOTIFY script: ``len,len,...\\n`` and the names."""
-    encoded = [n if type(n) is bytes else n.encode() for n in names]
-    return ",".join(map(str, map(len, encoded))).encode() + b"\n" + b"".join(encoded)
+def _u32(lengths: Iterable[int]) -> bytes:
+    packed = array("I", lengths)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def pack_names(names: list[Any]) -> tuple[bytes, bytes]:
+    """Data keys for the NOTIFY script: their lengths (u32 little-endian each) and the keys
+    one after the other."""
+    if names and type(names[0]) is str:
+        joined = "".join(names)
+        if joined.isascii():
+            return _u32(map(len, names)), joined.encode()
+    encoded = [n if type(n) is bytes else n.encode("utf-8", "surrogatepass") for n in names]
+    return _u32(map(len, encoded)), b"".join(encoded)
 
 
 def _set_many(core: RedisCore, items: list[tuple[str, Any]], ttl: float | None) -> None:
-    keys = [k for k, _ in items]
+    keys, given = zip(*items, strict=True)
     if len(set(keys)) != len(keys):  # the same key twice: the last value wins, events for each
         from ..ops import SET
         from .redis_txn import execute
@@ -203,7 +217,7 @@ def _set_many(core: RedisCore, items: list[tuple[str, Any]], ttl: float | None) 
         execute(core, [(SET, (k, v, ttl)) for k, v in items], [])
         return
     names = core.space.keys(keys)
-    values = redis_codec.dumps_many([v for _, v in items])
+    values = redis_codec.dumps_many(given)
     commands: list[tuple[Any, ...]]
     if ttl is None:
         flat: list[Any] = [None] * (2 * len(names))
@@ -216,7 +230,7 @@ def _set_many(core: RedisCore, items: list[tuple[str, Any]], ttl: float | None) 
         px = ms(ttl)
         commands = [("SET", n, v, "PX", px) for n, v in zip(names, values, strict=True)]
     notify = NOTIFY.eval_args([core.space.version], [core.space.watch_marker, "P",
-                                                     pack_names(names)])
+                                                     len(names), *pack_names(names)])
     multi(core, [*commands, tuple(notify)])
 
 
@@ -226,7 +240,7 @@ def multi(core: RedisCore, commands: list[tuple[Any, ...]]) -> list[Any]:
     conn = core.connection()
     try:
         try:
-            conn.send_packed_command(conn.pack_commands([("MULTI",), *commands, ("EXEC",)]))
+            conn.send_packed_command((core.pack([("MULTI",), *commands, ("EXEC",)]),), False)
             for _ in range(len(commands) + 1):
                 conn.read_response()
             results = conn.read_response()
@@ -297,8 +311,13 @@ def _unlock(core: RedisCore, name: str, token: bytes) -> bool:
 
 
 def _publish(core: RedisCore, channel: str, data: Any) -> None:
-    core.script(PUBLISH, [core.space.seqs], [channel.encode("utf-8", "surrogatepass"),
-                                              core.space.channel(channel), _dumps(data)])
+    space = core.space
+    if channel.isascii():
+        core.script(PUBLISH, [space.seqs], [channel, space.channel_prefix + channel,
+                                             _dumps(data)])
+    else:
+        core.script(PUBLISH, [space.seqs], [channel.encode("utf-8", "surrogatepass"),
+                                             space.channel(channel), _dumps(data)])
 
 
 def _stats(core: RedisCore) -> dict[str, int]:

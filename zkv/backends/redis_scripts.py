@@ -122,25 +122,22 @@ return {1, n}
 """)
 
 # The change events of writes already made in this MULTI block, and the counter.
-# KEYS: version. ARGV: marker, then either 'P' and packed data keys ("len,len,...\\n" and the
-# names): keys just set, whose values are read back here; or 'T', then (kind, data key,
-# value) per change: 's' and the value set, or 'd' and ''. -> the version after the last one
+# KEYS: version. ARGV: marker, then either 'P', a count n, the data keys' lengths (n u32,
+# little-endian) and the keys one after the other: keys just set, whose values are read back
+# here; or 'T', then (kind, data key, value) per change: 's' and the value set, or 'd' and
+# ''. -> the version of the last change
 NOTIFY = Script("notify", """
 if ARGV[2] == 'P' then
-  local blob = ARGV[3]
-  local nl = string.find(blob, '\\n', 1, true)
-  local lengths = {}
-  for n in string.gmatch(string.sub(blob, 1, nl - 1), '%d+') do
-    lengths[#lengths + 1] = tonumber(n)
-  end
-  local v = redis.call('INCRBY', KEYS[1], #lengths)
-  if #lengths == 0 or not watched(ARGV[1]) then return v end
-  local at = nl + 1
-  local first = v - #lengths
-  for i = 1, #lengths do
-    local name = string.sub(blob, at, at + lengths[i] - 1)
-    at = at + lengths[i]
-    event(ARGV[1], name, first + i, 's', redis.call('GET', name) or '')
+  local n = tonumber(ARGV[3])
+  local v = redis.call('INCRBY', KEYS[1], n)
+  if n == 0 or not watched(ARGV[1]) then return v end
+  local at, from = 1, 1
+  for i = 1, n do
+    local length
+    length, at = struct.unpack('<I4', ARGV[4], at)
+    local name = string.sub(ARGV[5], from, from + length - 1)
+    from = from + length
+    event(ARGV[1], name, v - n + i, 's', redis.call('GET', name) or '')
   end
   return v
 end
