@@ -137,15 +137,16 @@ def _connect(url: redis_url.RedisURL, timeout: float | None, space: KeySpace
 def _packer() -> Callable[[tuple[Any, ...]], bytes]:
     """A function packing one command (a tuple) into bytes: hiredis's, else redis-py's."""
     try:
-        from hiredis import pack_command
+        import hiredis
     except ImportError:
         from redis.connection import Encoder, PythonRespSerializer
 
-        serializer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+        serializer: Any = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
 
-        def pack_command(args: tuple[Any, ...]) -> bytes:
+        def pack_python(args: tuple[Any, ...]) -> bytes:
             return b"".join(serializer.pack(*args))
-    return cast(Callable[[tuple[Any, ...]], bytes], pack_command)
+        return pack_python
+    return cast(Callable[[tuple[Any, ...]], bytes], hiredis.pack_command)
 
 
 def check_security(url: redis_url.RedisURL) -> None:
