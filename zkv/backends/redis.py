@@ -139,9 +139,11 @@ def _packer() -> Callable[[tuple[Any, ...]], bytes]:
     try:
         import hiredis
     except ImportError:
-        from redis.connection import Encoder, PythonRespSerializer
+        import redis.connection
 
-        serializer: Any = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)
+        module: Any = redis.connection
+        serializer = module.PythonRespSerializer(
+            6000, module.Encoder("utf-8", "strict", False).encode)
 
         def pack_python(args: tuple[Any, ...]) -> bytes:
             return b"".join(serializer.pack(*args))
