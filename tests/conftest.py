@@ -32,14 +32,6 @@ UNAVAILABLE = "Redis unavailable"
 _namespaces = itertools.count(1)
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "contract: the kv fixture runs on every backend "
-                                       "(zkv, redis)")
-    config.addinivalue_line("markers", "zkv_only(reason): a contract test whose Redis twin "
-                                       "is skipped, with the reason")
-    config.addinivalue_line("markers", "redis: needs a private redis-server")
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "kv" not in metafunc.fixturenames or \
             metafunc.definition.get_closest_marker("contract") is None:
