@@ -290,6 +290,19 @@ def _modify_many(endpoint: str, times: int) -> int:
     return times
 
 
+def _incr_float(endpoint: str, times: int) -> None:
+    with zkv.connect(endpoint) as kv:
+        for _ in range(times):
+            kv.incr("f", 0.5)
+
+
+def _pipelines(endpoint: str, times: int) -> None:
+    with zkv.connect(endpoint) as kv:
+        for _ in range(times):
+            with kv.pipeline() as p:
+                p.modify("n", lambda n: n + 1, 0).incr("m")
+
+
 def _move_money(endpoint: str, times: int, me: int) -> None:
     with zkv.connect(endpoint) as kv:
         for i in range(times):
@@ -325,6 +338,20 @@ class TestContention:
             assert proc.exitcode == 0
         accounts = store.get_many([f"acct{i}" for i in range(4)])
         assert sum(accounts.values()) == 400 and store["moves"] == 400
+
+    @pytest.mark.timeout(120)
+    def test_float_incr(self, store: zkv.Store) -> None:
+        """incr of a float (not INCRBY: compare-and-set) is exact under contention too."""
+        store["f"] = 0.0
+        with mp.get_context("fork").Pool(4) as pool:
+            pool.starmap(_incr_float, [(store.endpoint, 100)] * 4)
+        assert store["f"] == 200.0
+
+    @pytest.mark.timeout(120)
+    def test_pipelines_are_atomic(self, store: zkv.Store) -> None:
+        with mp.get_context("fork").Pool(4) as pool:
+            pool.starmap(_pipelines, [(store.endpoint, 100)] * 4)
+        assert store.get_many(["n", "m"]) == {"n": 400, "m": 400}
 
     def test_contention_that_never_ends_is_an_error(self, server: RedisServer) -> None:
         raw = server.client()
@@ -417,6 +444,9 @@ class TestLeases:
                      what="the keeper to notice")
             with pytest.raises(zkv.LockError, match="no longer held"):
                 lock.release()
+            raw = server.client()
+            assert raw.get("{app}:l:l") == b"someone else"  # the other holder keeps it
+            raw.close()
 
 
 # -- pub/sub losses, restarts, failures ---------------------------------------------------------
@@ -620,7 +650,7 @@ def _child_uses_own_connections(parent_ids: set[int]) -> dict[str, Any]:
     with _PARENT.subscribe("x") as sub:
         _PARENT.publish("x", 1)
         sub.receive(timeout=10)
-    return {"touched": touched, "n": _PARENT["n"]}
+    return {"touched": touched, "n": _PARENT["n"], "core": id(_PARENT._core)}
 
 
 class TestFork:
@@ -641,6 +671,7 @@ class TestFork:
                 result = call_in_child(mp.get_context("fork"), _child_uses_own_connections,
                                        ids)
                 assert result["touched"] == []
+                assert result["core"] != id(store._core)  # a core of its own, made there
         finally:
             _PARENT = None
         assert store["n"] == 2 and result["n"] == 2
