@@ -273,6 +273,17 @@ class TestOperationTable:
         used_by_stores = {op.name for op in ops.OPS.values() if not op.remote_only}
         assert used_by_stores - {"pipeline"} <= set(IMPLEMENTATIONS)
 
+    def test_without_hiredis(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """hiredis is optional: without it commands are packed by redis-py's own packer,
+        to the same bytes."""
+        import hiredis
+
+        from zkv.backends.redis import _packer
+
+        command = ("EVALSHA", "ab" * 20, 2, "{ns}:v:k", b"{ns}:v:\xed\xb2\x80", b"\x80\x05.", 7)
+        monkeypatch.setitem(sys.modules, "hiredis", None)
+        assert _packer()(command) == hiredis.pack_command(command)
+
     def test_the_read_cache_is_refused_clearly(self, store: zkv.Store) -> None:
         with pytest.raises(UnsupportedError, match="read cache") as info:
             store.enable_cache()
