@@ -102,6 +102,10 @@ class TestUrls:
         plain = zkv.connect(server.url("app"))  # (the server has no password: AUTH is sent)
         plain.close()
 
+    def test_serve_says_to_connect(self) -> None:
+        with pytest.raises(ValueError, match=r"zkv.connect\('redis://:\*\*\*@h/0'\)"):
+            zkv.serve("redis://:secret@h/0")
+
     def test_unreachable_fails_within_the_timeout(self) -> None:
         port = free_port()  # nobody listens there
         started = time.monotonic()

@@ -895,6 +895,9 @@ def serve(endpoint: str | None = None, **options: Any) -> Store:
     context manager to close it and remove its sockets. ``options``: see
     :class:`zkv.config.Options`.
     """
+    if _backends.is_backend_url(endpoint):
+        raise ValueError(f"zkv.serve() starts an owner; a store kept in Redis is joined: "
+                         f"zkv.connect({_backends.redact(str(endpoint))!r})")
     opts = Options.from_env(options)
     made = Store(LocalCore(opts, endpoint), opts)
     made._env_before = os.environ.get(_endpoint.ENV_VAR)
