@@ -149,8 +149,8 @@ class TestInvisible:
 
     def test_in_the_owner(self, kv: zkv.Store, frozen_purge: None) -> None:
         kv["kept"] = 1
-        deadline = time.monotonic() + 0.3
         kv.set("gone", "x", ttl=0.3)
+        deadline = time.monotonic() + 0.3  # (after: the store stamped its expiry before)
         _wait_until(deadline)
         if not is_redis(kv):
             assert kv._core.owner.state.stored == 2  # type: ignore[attr-defined]  # still held
@@ -161,9 +161,9 @@ class TestInvisible:
     def test_in_other_processes(self, kv: zkv.Store, frozen_purge: None) -> None:
         kv["kept"] = 1
         kv["c.cached"] = "v"
-        deadline = time.monotonic() + 1.0
         kv.set("gone", "x", ttl=1.0)
         kv.expire("c.cached", 1.0)
+        deadline = time.monotonic() + 1.0  # (after: the store stamped its expiry before)
         _wait_until(deadline)
         report = call_in_child(SPAWN, _reads_of_expired, kv.endpoint)
         assert report == {
@@ -199,8 +199,8 @@ class TestAcrossProcesses:
         assert call_in_child(mp_context, _set_with_ttl, "k", 30) is True
         left = kv.ttl("k")
         assert left is not None and 25 < left <= 30
-        deadline = time.monotonic() + 0.5
         kv.expire("k", 0.5)
+        deadline = time.monotonic() + 0.5  # (after: the store stamped its expiry before)
         _wait_until(deadline)
         assert call_in_child(mp_context, _get, "k") == "absent"
 
@@ -261,8 +261,8 @@ class TestWatchers:
 
     def test_locks_are_not_affected(self, kv: zkv.Store) -> None:
         with kv.lock("k"):
-            deadline = time.monotonic() + 0.2
             kv.set("k", 1, ttl=0.2)
+            deadline = time.monotonic() + 0.2  # (after: the store stamped its expiry before)
             _wait_until(deadline)
             assert "k" not in kv
             assert not kv.lock("k").acquire(blocking=False)  # still held

@@ -248,6 +248,12 @@ class TestValuesOtherClientsRead:
             assert store["foreign"] == b"written by redis-cli" and store["digits"] == -17
             store["big_overflow"] = (1 << 63) - 1
             assert store.incr("big_overflow") == 1 << 63
+            store["past_double"] = 1 << 62  # (digits a Lua number would lose)
+            with store.watch("past_double") as watch:
+                assert store.incr("past_double", 3) == (1 << 62) + 3
+                assert watch.receive(timeout=10).value == (1 << 62) + 3
+            assert store.compare_and_set("n", threading.Lock(), 0) is False  # not equal
+            assert store["n"] == 50
             raw.hset("{app}:v:hash", "f", "v")
             with pytest.raises(TypeError, match="Redis type"):
                 store.get("hash")

@@ -196,6 +196,8 @@ class RedisCore:
         self._pid = os.getpid()
         self._closed = False
         self._keeper: LockKeeper | None = None
+        #: Whether a watcher checked that Redis publishes expired-key events.
+        self.expiry_events_checked = False
         try:
             self._execute("PING")
         except self._redis_error as exc:

@@ -80,7 +80,7 @@ class _ReleaseListener:
                 self._ready.set()
                 self._wake_all()  # (anything released while it was away)
                 while not self._stopping:
-                    if not conn.can_read(timeout=0.5):
+                    if not conn.can_read(timeout=0.1):
                         continue
                     reply = conn.read_response()
                     if reply and reply[0] == b"pmessage":

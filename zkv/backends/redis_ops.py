@@ -104,8 +104,8 @@ def _compare_and_set(core: RedisCore, key: str, expected: Any, new: Any) -> bool
     for _attempt in core.retries(f"compare_and_set({key!r})"):
         if guess is None:
             guess = core.command("GET", _name(core, key))
-            if guess is None:
-                return False
+            if guess is None or not bool(_loads(guess) == expected):
+                return False  # (decided on what Redis held when it was read)
         done, current = compare_and_set_bytes(core, key, guess, data)
         if done:
             return True

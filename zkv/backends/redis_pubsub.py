@@ -455,6 +455,8 @@ class _Stream:
             self._version_seen = 0
             self._version_at_loss = 0
             self._epoch = None
+        if self._marker in self._channels:
+            _enable_expiry_events(self.core, again=True)
         waiting = [done for request in self._requests for done in request.done]
         self._requests.clear()
         self._welcomes.clear()
@@ -491,15 +493,13 @@ def _unglob(pattern: bytes) -> bytes:
     return bytes(out)
 
 
-_EXPIRY_CHECKED: set[int] = set()
-
-
-def _enable_expiry_events(core: RedisCore) -> None:
+def _enable_expiry_events(core: RedisCore, again: bool = False) -> None:
     """Make sure Redis publishes expired-key events (``notify-keyspace-events`` with ``E``
-    and ``x``), once per core."""
-    if id(core) in _EXPIRY_CHECKED:
+    and ``x``): once per core, and ``again`` after a reconnection (a restarted server
+    forgets a ``CONFIG SET``)."""
+    if core.expiry_events_checked and not again:
         return
-    _EXPIRY_CHECKED.add(id(core))
+    core.expiry_events_checked = True
     try:
         current = core.command("CONFIG", "GET", "notify-keyspace-events")
         flags = ""
@@ -856,16 +856,28 @@ class RedisDispatcher(Dispatcher):
                         request.done.append(_Live(handler, done))  # type: ignore[arg-type]
                     else:
                         stream.remove(*handler.names)
-                item = stream.next(_SLICE)
+                try:
+                    item = stream.next(_SLICE)
+                except ZkvConnectionError as exc:  # Redis away for long: keep trying
+                    log.warning("%s; callbacks resume when it is back", exc)
+                    self._waker_wait(1.0)
+                    continue
                 if item is None or item is _SKIP:
                     continue
                 self._dispatch(item)
-        except Exception as exc:  # pragma: no cover - a bug, or Redis gone for good
+        except Exception as exc:  # pragma: no cover - a bug
             log.exception("zkv dispatcher thread stopped: %s", exc)
         finally:
             stream.close()
             if self._stopping:
                 self._waker.close()
+
+    def _waker_wait(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if woken (a registration, close)."""
+        try:
+            select.select([self._waker.fd], [], [], seconds)
+        except (OSError, ValueError):  # pragma: no cover - closed meanwhile
+            pass
 
     def _dispatch(self, item: Any) -> None:
         kind, name, seq, data = item

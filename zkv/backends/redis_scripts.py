@@ -112,13 +112,15 @@ return {1}
 """)
 
 # Native INCRBY (keeps the expiry). KEYS: data key, version. ARGV: amount, marker.
-# -> {1, new value}, or {0, reason} when INCRBY refuses (not an integer, overflow)
+# -> {1, the new value's digits} (read back: Lua numbers lose digits past 2^53), or
+# {0, reason} when INCRBY refuses (not an integer, overflow)
 INCR = Script("incr", """
 local ok, n = pcall(redis.call, 'INCRBY', KEYS[1], ARGV[1])
 if not ok then return {0, n['err'] or tostring(n)} end
+local digits = redis.call('GET', KEYS[1])
 local v = redis.call('INCR', KEYS[2])
-if watched(ARGV[2]) then event(ARGV[2], KEYS[1], v, 's', string.format('%d', n)) end
-return {1, n}
+if watched(ARGV[2]) then event(ARGV[2], KEYS[1], v, 's', digits) end
+return {1, digits}
 """)
 
 # The change events of writes already made in this MULTI block, and the counter.
