@@ -135,6 +135,23 @@ def _get_from_store(key: str) -> Any:
     return zkv.store().get(key)
 
 
+class TestShell:
+    """The zkv command talks to a store kept in Redis like to an owner."""
+
+    def test_commands(self, server: RedisServer, store: zkv.Store) -> None:
+        store.update(a=1, b=[2])
+
+        def zkv_command(*args: str) -> str:
+            done = subprocess.run([sys.executable, "-m", "zkv", *args, "-e", server.url("app")],
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+            return done.stdout.strip()
+        assert zkv_command("keys").split() == ["a", "b"]
+        assert zkv_command("get", "b") == "[2]" and zkv_command("incr", "a") == "2"
+        zkv_command("set", "c", "x")
+        assert store["c"] == "x"
+
+
 class TestCredentialsAndTls:
     """A password and TLS come from the URL."""
 
