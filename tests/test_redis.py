@@ -148,7 +148,7 @@ class TestShell:
             return done.stdout.strip()
         assert zkv_command("keys").split() == ["a", "b"]
         assert zkv_command("get", "b") == "[2]" and zkv_command("incr", "a") == "2"
-        zkv_command("set", "c", "x")
+        zkv_command("set", "--str", "c", "x")
         assert store["c"] == "x"
 
 
