@@ -785,6 +785,76 @@ class TestClusterAndSentinel:
             master.stop()
 
 
+    @pytest.mark.timeout(90)
+    def test_sentinel_failover(self, tmp_path: Path) -> None:
+        """After a failover the store works again by itself, on the new master, with the
+        data replicated before it; a subscriber follows."""
+        import redis
+
+        port, replica_port, sentinel_port = free_port(), free_port(), free_port()
+        master = _start(RedisServer(port=port))
+        replica = _start(RedisServer(port=replica_port,
+                                     args=["--replicaof", "127.0.0.1", str(port)]))
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(f"port {sentinel_port}\nbind 127.0.0.1\n"
+                        f"sentinel monitor mymaster 127.0.0.1 {port} 1\n"
+                        "sentinel down-after-milliseconds mymaster 1000\n"
+                        "sentinel failover-timeout mymaster 5000\n")
+        binary = shutil.which("redis-server") or shutil.which("valkey-server")
+        assert binary is not None
+        sentinel = subprocess.Popen([binary, str(conf), "--sentinel"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        probe = redis.Redis(port=sentinel_port, protocol=2)
+        try:
+            wait_for(lambda: _master_port(probe) == port, timeout=30, what="the sentinel")
+            url = f"redis+sentinel://127.0.0.1:{sentinel_port}/mymaster?namespace=app"
+            with zkv.connect(url, timeout=5) as kv:
+                kv.update(a=1, b=[2])
+                follower = replica.client()
+                wait_for(lambda: follower.get("{app}:v:a") == b"1", timeout=30,
+                         what="the replica to have the data")
+                follower.close()
+                with kv.subscribe("ch") as sub:
+                    wait_for(lambda: probe.execute_command("SENTINEL", "FAILOVER",
+                                                           "mymaster"), timeout=30,
+                             what="the sentinel to accept a failover")
+                    wait_for(lambda: _master_port(probe) == replica_port, timeout=30,
+                             what="the failover")
+                    _eventually(lambda: kv.set("after", "failover"))
+                    assert kv.get_many(["a", "b", "after"]) == {"a": 1, "b": [2],
+                                                                "after": "failover"}
+                    assert kv.incr("a") == 2
+                    kv.publish("ch", "on the new master")
+                    assert sub.receive(timeout=20) == "on the new master"
+        finally:
+            probe.close()
+            sentinel.terminate()
+            sentinel.wait(10)
+            replica.stop()
+            master.stop()
+
+def _master_port(probe: Any) -> int | None:
+    try:
+        host_port = probe.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster")
+    except Exception:
+        return None
+    return int(host_port[1]) if host_port else None
+
+
+def _eventually(call: Any) -> Any:
+    """``call()`` once it stops failing with a connection error (a failover is under way)."""
+    outcome: list[Any] = []
+
+    def attempt() -> bool:
+        try:
+            outcome.append(call())
+        except zkv.ZkvConnectionError:
+            return False
+        return True
+    wait_for(attempt, timeout=30, interval=0.05, what="the store to work again")
+    return outcome[-1]
+
+
 def _knows_master(probe: Any) -> bool:
     try:
         return bool(probe.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"))
