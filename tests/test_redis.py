@@ -489,6 +489,77 @@ class TestLeases:
 
 # -- pub/sub losses, restarts, failures ---------------------------------------------------------
 
+class _SlowLink:
+    """A unix-socket proxy to a server that holds back, for ``delay`` seconds, every chunk a
+    client sends that contains ``hold``: a subscription that is slow to reach Redis."""
+
+    def __init__(self, target: str, path: str, hold: bytes, delay: float) -> None:
+        import socket as socket_module
+
+        self._socket = socket_module
+        self.target, self.path, self.hold, self.delay = target, path, hold, delay
+        self._listener = socket_module.socket(socket_module.AF_UNIX)
+        self._listener.bind(path)
+        self._listener.listen(16)
+        self._stopping = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stopping:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = self._socket.socket(self._socket.AF_UNIX)
+            server.connect(self.target)
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source: Any, sink: Any, outgoing: bool) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if outgoing and self.hold in data:
+                    threading.Event().wait(self.delay)  # the slow link
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(self._socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            source.close()  # (the other direction's thread closes the other end)
+
+    def close(self) -> None:
+        self._stopping = True
+        self._listener.close()
+
+
+class TestLiveOnReturn:
+    """subscribe() returns once Redis has the subscription: a subscription that takes long to
+    reach Redis still gets a message published right after subscribe() returned."""
+
+    def test_over_a_slow_link(self, server: RedisServer, tmp_path: Path) -> None:
+        link = _SlowLink(server.socket_path, str(tmp_path / "slow.sock"),
+                         hold=b"{app}:c:held", delay=0.5)
+        try:
+            with zkv.connect(f"unix://{link.path}?namespace=app") as far, \
+                    zkv.connect(server.url("app")) as near:
+                with far.subscribe("held") as sub:
+                    near.publish("held", "right after")  # (straight to Redis)
+                    assert sub.receive(timeout=10) == "right after"
+                got: list[Any] = []
+                far.on_subscriber_receive("held")(got.append)
+                near.publish("held", "to the callback")
+                wait_for(lambda: got == ["to the callback"], what="the callback")
+        finally:
+            link.close()
+
+
 class TestLossesAreCounted:
     """Redis drops a subscriber that falls too far behind, and forgets everything when it
     restarts without persistence: the subscriber reconnects by itself and counts what it
