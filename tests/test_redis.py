@@ -169,6 +169,47 @@ class TestCredentialsAndTls:
         finally:
             srv.stop()
 
+    def test_a_user_limited_by_acl(self, server: RedisServer,
+                                   caplog: pytest.LogCaptureFixture) -> None:
+        """A Redis user allowed only its namespace works; what it may not do is refused
+        with a clear error, at once (no retrying)."""
+        raw = server.client()
+        raw.config_set("notify-keyspace-events", "Ex")  # (this user may not CONFIG)
+        raw.execute_command("ACL", "SETUSER", "app", "on", ">pw", "~{app}:*", "&*",
+                            "+@all", "-@dangerous", "+keys", "+info")
+        raw.execute_command("ACL", "SETUSER", "narrow", "on", ">pw", "~{app}:*",
+                            "&{app}:*", "+@all", "-@dangerous", "+keys", "+info")
+        raw.close()
+        app = server.url("app").replace("unix://", "unix://app:pw@")
+        with zkv.connect(app) as kv:
+            kv["a"] = 1
+            assert kv.incr("a") == 2 and list(kv) == ["a"] and kv.transact(len) == 1
+            with kv.lock("l"), kv.watch(prefix="") as watch, \
+                    kv.subscribe("c", prefix="p.") as sub:
+                kv.set("b", 2, ttl=0.2)
+                kv.publish("p.x", "x")
+                assert sub.receive(timeout=10) == "x"
+                assert [watch.receive(timeout=10).kind for _ in range(2)] == ["set",
+                                                                             "expire"]
+        with zkv.connect(app.replace("app:pw", "app:pw").replace("=app", "=other")) as kv:
+            with pytest.raises(zkv.AuthenticationError, match="NOPERM"):
+                kv["x"] = 1
+        narrow = server.url("app").replace("unix://", "unix://narrow:pw@")
+        with zkv.connect(narrow) as kv:
+            with kv.subscribe("c") as sub:  # exact channels: allowed by &{app}:*
+                kv.publish("c", 1)
+                assert sub.receive(timeout=10) == 1
+            started = time.monotonic()
+            with pytest.raises(zkv.AuthenticationError, match="NOPERM"):
+                kv.subscribe(prefix="p.")  # a pattern: ACLs must allow it literally
+            with pytest.raises(zkv.AuthenticationError, match="NOPERM"):
+                kv.on_subscriber_receive("p.", prefix=True)(print)
+            assert time.monotonic() - started < 10
+            got: list[Any] = []
+            kv.on_subscriber_receive("c")(got.append)  # the dispatcher still works
+            kv.publish("c", 2)
+            wait_for(lambda: got == [2], what="the callback")
+
     @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
     def test_tls(self, tmp_path: Path) -> None:
         ca, cert, key = _certificates(tmp_path)

@@ -71,6 +71,8 @@ def translate(exc: BaseException, where: str = "Redis") -> BaseException:
     text = str(exc) or type(exc).__name__
     if isinstance(exc, redis.AuthenticationError) or "NOAUTH" in text or "WRONGPASS" in text:
         return AuthenticationError(f"{where} refused the credentials: {text}")
+    if isinstance(exc, redis.exceptions.NoPermissionError) or text.startswith("NOPERM"):
+        return AuthenticationError(f"{where} refused: NOPERM, this user may not do it: {text}")
     if isinstance(exc, redis.TimeoutError):
         return ZkvTimeoutError(f"{where} did not answer in time: {text}")
     if isinstance(exc, redis.ConnectionError):
@@ -189,6 +191,8 @@ class RedisCore:
         self._execute = self.client.execute_command
         self._pool = self.client.connection_pool
         self._response_error: type[BaseException] = redis.ResponseError
+        #: redis-py's error for an error reply (Redis refused a command).
+        self.response_error: type[Exception] = redis.ResponseError
         self._pack = _packer()
         self._version_key = space.version
         self._marker = space.watch_marker

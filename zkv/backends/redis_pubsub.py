@@ -35,7 +35,7 @@ from ..errors import StoreClosedError, ZkvConnectionError, ZkvTimeoutError
 from ..pubsub import Change, Message, Subscriber, Topics, _message
 from ..sockets import Waker
 from . import UnsupportedError, redis_codec
-from .redis_stream import EXPIRE, MSG, RECONNECT_EVERY, SKIP, SLICE, Stream, enc, names
+from .redis_stream import EXPIRE, MSG, RECONNECT_EVERY, SKIP, SLICE, Stream, Waiter, enc, names
 
 if TYPE_CHECKING:  # pragma: no cover
     from .redis import RedisCore
@@ -68,7 +68,7 @@ class RedisSubscriber(Subscriber):
         self._exact_keys = {enc(k) for k in exact} if self._keys else set()
         self._key_prefixes = [enc(p) for p in prefixes] if self._keys else []
         self._stream = Stream(core, what)
-        done = threading.Event()
+        done = Waiter()
         args = ([], [], exact, prefixes) if self._keys else (exact, prefixes, [], [])
         self._stream.add(*args, done=done)
         deadline = None if core.timeout is None else _monotonic() + core.timeout
@@ -80,6 +80,8 @@ class RedisSubscriber(Subscriber):
                 item = self._stream.next(SLICE)
                 if item is not None and item is not SKIP:
                     self._pending.append(item)
+            if done.error is not None:
+                raise done.error
         except BaseException:
             self._stream.close()
             raise
@@ -303,7 +305,7 @@ class RedisDispatcher(Dispatcher):
         wanted = ([], [], exact, prefixes) if keys else (exact, prefixes, [], [])
         handler = _Handler(topics, callback, runner, wanted, {enc(n) for n in exact},
                            [enc(p) for p in prefixes], keys)
-        done = threading.Event()
+        done = _Live(handler)
         with self._mutex:
             self._rhandlers.append(handler)
             self._start()
@@ -315,9 +317,12 @@ class RedisDispatcher(Dispatcher):
             self._unregister(handler)
             raise self._failed or ZkvTimeoutError(
                 f"Redis did not confirm a subscription within {self._wait_limit}s")
-        if self._failed is not None:
-            self._unregister(handler)
-            raise self._failed
+        failed = self._failed or done.error
+        if failed is not None:
+            with self._mutex:  # (its subscriptions were undone with the refusal)
+                if handler in self._rhandlers:
+                    self._rhandlers.remove(handler)
+            raise failed
 
     def remove(self, callback: Callable[[Any], Any]) -> int:
         with self._mutex:
@@ -381,9 +386,8 @@ class RedisDispatcher(Dispatcher):
                     command = self._commands.popleft()
                     handler = command[1]
                     if command[0] == "add":
-                        done: threading.Event = command[2]
-                        request = stream.add(*handler.names)
-                        request.done.append(_Live(handler, done))  # type: ignore[arg-type]
+                        channels, prefixes, keys, key_prefixes = handler.names
+                        stream.add(channels, prefixes, keys, key_prefixes, done=command[2])
                     else:
                         stream.remove(*handler.names)
                 try:
@@ -441,13 +445,13 @@ class RedisDispatcher(Dispatcher):
                 log.exception("zkv callback %r raised", handler.callback)
 
 
-class _Live:
+class _Live(Waiter):
     """Set by the stream when a handler's subscription is confirmed: the handler is live."""
 
-    def __init__(self, handler: _Handler, done: threading.Event) -> None:
+    def __init__(self, handler: _Handler) -> None:
+        super().__init__()
         self._handler = handler
-        self._done = done
 
     def set(self) -> None:
         self._handler.live = True
-        self._done.set()
+        super().set()

@@ -38,8 +38,8 @@ from .redis_scripts import WELCOME
 if TYPE_CHECKING:  # pragma: no cover
     from .redis import RedisCore
 
-__all__ = ["CHANGE", "EXPIRE", "MSG", "RECONNECT_EVERY", "SKIP", "SLICE", "Stream", "enc",
-           "names"]
+__all__ = ["CHANGE", "EXPIRE", "MSG", "RECONNECT_EVERY", "SKIP", "SLICE", "Stream", "Waiter",
+           "enc", "names"]
 
 log = logging.getLogger("zkv.redis")
 
@@ -66,15 +66,41 @@ def enc(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+class Waiter:
+    """Told when Redis has confirmed a subscription (:meth:`set`), or refused it
+    (:meth:`fail`: :attr:`error` holds why)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.error: BaseException | None = None
+
+    def set(self) -> None:
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def wait(self, timeout: float | None) -> bool:
+        return self.event.wait(timeout)
+
+
 @dataclasses.dataclass(eq=False)
 class _Request:
-    """Subscriptions sent, waiting for their confirmations (then a welcome is asked for)."""
+    """Subscriptions sent, waiting for their confirmations (then a welcome is asked for).
+    ``pending``: for each command sent (SUBSCRIBE, PSUBSCRIBE), the confirmations still to
+    come; Redis answers a refused command with one error instead."""
 
-    confirmations: int
+    pending: collections.deque[int]
     channels: list[bytes]  # exact channel names (without prefix) to welcome
     prefixes: list[bytes]  # channel prefixes to welcome
     reconnect: bool
-    done: list[threading.Event]
+    done: list[Waiter]
+    topics: tuple[list[str], list[str], list[str], list[str]] = ([], [], [], [])
+    error: BaseException | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -145,10 +171,10 @@ class Stream:
             return None
 
     def add(self, channels: list[str], prefixes: list[str], keys: list[str],
-            key_prefixes: list[str], done: threading.Event | None = None) -> _Request:
+            key_prefixes: list[str], done: Waiter | None = None) -> _Request:
         """Subscribe to channels and prefixes, and to the change events of keys and key
         prefixes. Their confirmations come in the stream; ``done`` is set once they all
-        came (the subscription is then live)."""
+        came (the subscription is then live), or failed if Redis refused it."""
         new_channels: list[bytes] = []
         new_patterns: list[bytes] = []
         wanted = [self.core.space.channel(c) for c in channels] + \
@@ -164,9 +190,11 @@ class Stream:
         for pattern in patterns:
             self._patterns[pattern] = self._patterns.get(pattern, 0) + 1
             new_patterns.append(pattern)
-        request = _Request(len(new_channels) + len(new_patterns),
+        request = _Request(collections.deque(n for n in (len(new_channels),
+                                                          len(new_patterns)) if n),
                            [enc(c) for c in channels], [enc(p) for p in prefixes], False,
-                           [done] if done is not None else [])
+                           [done] if done is not None else [],
+                           (channels, prefixes, keys, key_prefixes))
         self._requests.append(request)
         try:
             self._send(([("SUBSCRIBE", *new_channels)] if new_channels else [])
@@ -243,6 +271,9 @@ class Stream:
                             return None
                         return SKIP  # (a slice passed: the caller looks at close())
                     continue
+            except self.core.response_error as exc:  # Redis refused a subscription
+                self._refused(exc)
+                return SKIP
             except Exception as exc:
                 self._lost(exc)
                 continue
@@ -325,10 +356,33 @@ class Stream:
         if not self._requests:
             return
         request = self._requests[0]
-        request.confirmations -= 1
-        if request.confirmations > 0:
+        request.pending[0] -= 1
+        if request.pending[0] <= 0:
+            request.pending.popleft()
+            self._settle(request)
+
+    def _refused(self, exc: BaseException) -> None:
+        """Redis answered a subscription with an error (no permission, most likely): the
+        request it belongs to fails, and what it subscribed to is undone."""
+        if not self._requests:
+            log.warning("%s: Redis refused a command: %s", self.what, exc)
+            return
+        request = self._requests[0]
+        request.error = request.error or self.core.translate(exc)
+        if request.pending:
+            request.pending.popleft()  # (one error stands for the command's confirmations)
+        self._settle(request)
+
+    def _settle(self, request: _Request) -> None:
+        if request.pending:
             return
         self._requests.popleft()
+        if request.error is not None:
+            if not request.reconnect:
+                self.remove(*request.topics)
+            for done in request.done:
+                done.fail(request.error)
+            return
         self._ask_welcome(request.channels, request.prefixes, request.reconnect)
         for done in request.done:
             done.set()
@@ -458,8 +512,9 @@ class Stream:
         channels = [c[self._cpl:] for c in self._channels if c.startswith(self._cp)]
         prefixes = sorted({_unglob(p[self._cpl:]) for p in self._patterns
                            if p.startswith(self._cp)})
-        self._requests.append(_Request(1 + len(self._channels) + len(self._patterns),
-                                       channels, prefixes, True, waiting))
+        self._requests.append(_Request(
+            collections.deque(n for n in (1 + len(self._channels), len(self._patterns)) if n),
+            channels, prefixes, True, waiting))
         try:
             self._send([("SUBSCRIBE", self._probe, *self._channels)]
                        + ([("PSUBSCRIBE", *self._patterns)] if self._patterns else []))
@@ -507,9 +562,11 @@ def _enable_expiry_events(core: RedisCore, again: bool = False) -> None:
         wanted = "".join(sorted(set(flags) | {"E", "x"}))
         core.command("CONFIG", "SET", "notify-keyspace-events", wanted)
     except ZkvError as exc:
-        log.warning("watch(): could not turn on Redis's expired-key events (%s); watchers "
-                    "will not see 'expire' changes. Set notify-keyspace-events to include "
-                    "'Ex' in the server's configuration", exc)
+        if again:
+            return  # (said once already)
+        log.warning("watch(): could not check or turn on Redis's expired-key events (%s): "
+                    "unless the server's notify-keyspace-events holds 'E' and 'x', watchers "
+                    "will not see 'expire' changes", exc)
 
 
 # -- the pull-style subscriber -----------------------------------------------------------------
