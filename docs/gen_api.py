@@ -42,6 +42,9 @@ SECTIONS: list[tuple[str, str, list[str]]] = [
     ("Credentials for tcp", "The `keys` option (or `ZKV_KEYS`) takes a directory made by "
      "`zkv keygen`, or key material given directly, as these classes (see "
      "[security.md](security.md)).", ["zkv.auth.OwnerKeys", "zkv.auth.ClientKeys"]),
+    ("Redis and Valkey", "A store kept in Redis or Valkey is joined with `zkv.connect(URL)` "
+     "or `ZKV_ENDPOINT=URL` (see [scaling.md](scaling.md)); these errors are its own.",
+     ["zkv.backends.ContentionError", "zkv.backends.UnsupportedError"]),
     ("Errors", "", ["ZkvError", "ZkvConnectionError", "NoOwnerError", "OwnerGoneError",
                     "AuthenticationError", "ZkvTimeoutError", "SerializationError",
                     "EncodeError", "DecodeError", "MessageTooLargeError", "StoreClosedError",

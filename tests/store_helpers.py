@@ -20,8 +20,13 @@ import zkv
 from zkv import endpoint as zkv_endpoint
 from zkv.testing import wait_for
 
-__all__ = ["OwnerProcess", "all_threads_stopped", "call_in_child", "owner_process",
+__all__ = ["OwnerProcess", "all_threads_stopped", "call_in_child", "is_redis", "owner_process",
            "socket_dirs_of", "stop_process"]
+
+
+def is_redis(store: zkv.Store) -> bool:
+    """Whether ``store`` is kept in Redis (the ``[redis]`` twin of a contract test)."""
+    return zkv.backends.is_backend_url(store.endpoint)
 
 
 def _owner_main(conn: mp.connection.Connection, hold_lock: str | None,

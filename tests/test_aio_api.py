@@ -206,6 +206,7 @@ async def _async_results(kv: zkv.AsyncStore) -> list[Any]:
     return out
 
 
+@pytest.mark.contract  # on every backend (a Redis store: its calls in threads)
 @pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("where", ["owner", "client"])
 def test_every_call_gives_what_the_sync_call_gives(kv: zkv.Store, where: str,
@@ -226,6 +227,7 @@ def test_every_call_gives_what_the_sync_call_gives(kv: zkv.Store, where: str,
     assert any(isinstance(r, tuple) and r[0] == "KeyError" for r in got)  # (errors were met)
 
 
+@pytest.mark.contract  # on every backend (a Redis store: its calls in threads)
 @pytest.mark.parametrize("where", ["owner", "client"])
 def test_pipeline_and_lock_twins(kv: zkv.Store, where: str) -> None:
     async def main() -> None:

@@ -26,6 +26,7 @@ ROWS = {
     "pub_float_1", "pub_latency_1", "pub_latency_4",
     "clients_1", "clients_4", "clients_16", "busy_owner",
     "async_get", "async_gather", "snapshot_pause",
+    "redis_get", "redis_set", "redis_get_many", "redis_set_many", "redis_pub_1",
 }
 REPORTED = {"ok", "skipped", "not available"}
 #: Seconds a --smoke run may take: about 3 s on an idle 2-core machine; generous for a loaded

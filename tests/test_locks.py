@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from store_helpers import stop_process
+from store_helpers import is_redis, stop_process
 
 import zkv
 from zkv.endpoint import pid_alive
@@ -26,6 +26,10 @@ from zkv.testing import wait_for
 #: Seconds: a fraction of a second is expected (the owner checks lock holders every 0.2 s);
 #: generous for a loaded 2-core machine, and under the 30 s that the waits are given.
 QUICK = 20.0
+LEASE = 2.0  # seconds: the locks' lease of the Redis stores of the tests (conftest.py)
+
+#: Behaviour of the store: runs on every backend (see conftest.py).
+pytestmark = pytest.mark.contract
 
 
 def _hold_lock_forever(conn: mp.connection.Connection, name: str) -> None:
@@ -39,6 +43,13 @@ def _wait_for_lock(name: str) -> None:
     kv = zkv.store()
     kv.lock(name).acquire()  # killed while waiting, or (stopped) once granted
     threading.Event().wait()  # until killed
+
+
+def _wait_for_lock_and_note(name: str) -> None:
+    kv = zkv.store()
+    kv.set("waiter-started", True)
+    kv.lock(name).acquire()  # never granted before the kill
+    kv.set("dead-waiter-got-it", True)
 
 
 def _request_loop() -> None:
@@ -104,7 +115,8 @@ class TestHolderKilled:
             killed = time.monotonic()
             _kill(holder)
             assert client.lock("job").acquire(timeout=30) is True
-            assert time.monotonic() - killed < QUICK
+            # (on Redis a dead holder's lock is free once its lease runs out)
+            assert time.monotonic() - killed < QUICK + (LEASE if is_redis(kv) else 0)
             assert kv.lock("job").acquire(blocking=False) is False  # the client holds it now
         finally:
             client.close()
@@ -125,11 +137,15 @@ class TestHolderKilled:
 
         waiter = threading.Thread(target=owner_waits)
         waiter.start()
-        wait_for(lambda: kv.stats()["locks"] == 2, what="owner waiting")
+        if is_redis(kv):  # no queue of waiters to look at: the lock is held, it waits
+            quick = QUICK + LEASE  # a dead holder's lock is free once its lease runs out
+        else:
+            wait_for(lambda: kv.stats()["locks"] == 2, what="owner waiting")
+            quick = QUICK
         killed = time.monotonic()
         _kill(holder)
         waiter.join(30)
-        assert got and got[0] - killed < QUICK
+        assert got and got[0] - killed < quick
 
 
 class _Waiter:
@@ -154,6 +170,32 @@ class _Waiter:
         self.thread.join(10)
 
 
+def test_a_killed_waiter_never_gets_the_lock(kv: zkv.Store, fork: mp.context.BaseContext
+                                             ) -> None:
+    """On every backend: a process killed while it waits for a lock neither gets it nor
+    keeps it from the others."""
+    lock = kv.lock("job")
+    lock.acquire()
+    waiter = fork.Process(target=_wait_for_lock_and_note, args=("job",))
+    waiter.start()
+    if is_redis(kv):  # no queue of waiters on Redis: wait until it is trying
+        wait_for(lambda: kv.get("waiter-started"), what="child waiting")
+    else:
+        wait_for(lambda: kv.stats()["locks"] == 2, what="child waiting")
+    _kill(waiter)
+    lock.release()  # may be granted to the dead waiter first; it must come back
+    client = zkv.connect(kv.endpoint)
+    try:
+        started = time.monotonic()
+        assert client.lock("job").acquire(timeout=30) is True
+        assert time.monotonic() - started < QUICK + (LEASE if is_redis(kv) else 0)
+        assert "dead-waiter-got-it" not in kv
+    finally:
+        client.close()
+
+
+@pytest.mark.zkv_only("the owner's queue of waiters, first come first served (Redis's lease "
+                      "locks have none)")
 class TestWaiterKilled:
     """A process killed while it waits for a lock never keeps it: its wait is dropped, or, if
     the lock was granted to it as it died, the lock is taken back and passed on to the next
@@ -237,6 +279,8 @@ class TestKilledMidRequest:
         finally:
             client.close()
 
+    @pytest.mark.zkv_only("on Redis the function runs in the caller: a caller killed inside "
+                          "it applies nothing (tests/test_redis.py)")
     def test_killed_while_owner_runs_its_modify(self, kv: zkv.Store,
                                                 fork: mp.context.BaseContext) -> None:
         """The owner is executing the client's function when the client dies: the change is
@@ -269,6 +313,7 @@ def _append(item: int, turns: list[int]) -> list[int]:
     return [*turns, item]
 
 
+@pytest.mark.zkv_only("Redis's lease locks are not first come, first served")
 class TestFirstComeFirstServed:
     """Waiters get a lock in the order their waits reached the owner, whatever the process."""
 

@@ -15,6 +15,9 @@ from store_helpers import call_in_child
 import zkv
 from zkv import ops
 
+#: Behaviour of the store: runs on every backend (see conftest.py).
+pytestmark = pytest.mark.contract
+
 SPAWN = mp.get_context("spawn")
 KEYS = ["a", "a\0", "a\0b", "ab", "abc", "b", "", "\udcffx", "\udcff"]
 

@@ -18,10 +18,13 @@ from typing import Any
 
 import pytest
 import zmq
-from store_helpers import call_in_child, owner_process
+from store_helpers import call_in_child, is_redis, owner_process
 
 import zkv
 from zkv.testing import wait_for
+
+#: Behaviour of the store: runs on every backend (see conftest.py).
+pytestmark = pytest.mark.contract
 
 # -- functions run in children (module level: every start method can import them) -------------
 
@@ -313,6 +316,8 @@ class TestChildren:
 class TestForkSafety:
     """A forked child never touches its parent's ZeroMQ context or sockets."""
 
+    @pytest.mark.zkv_only("ZeroMQ contexts; a forked child's own Redis connections are "
+                          "checked in tests/test_redis.py")
     def test_child_of_owner(self, kv: zkv.Store) -> None:
         global _INHERITED
         kv.set("from-owner", 1)
@@ -413,7 +418,7 @@ class TestForkSafety:
         assert all(r == {"is_owner": False, "same_global": True, "value": "hello"}
                    for r in results), results
         assert kv["inherited"] == 6
-        assert kv.is_owner
+        assert kv.is_owner is not is_redis(kv)  # unchanged: the owner, or Redis's client
         kv.set("still", "owner")
         assert kv["still"] == "owner"
 

@@ -20,6 +20,9 @@ import pytest
 import zkv
 from zkv.testing import wait_for
 
+#: Behaviour of the store: runs on every backend (see conftest.py).
+pytestmark = pytest.mark.contract
+
 
 class TestThreadAndOrder:
     """Callbacks run off the publisher's thread, in order, on the dispatcher."""

@@ -19,6 +19,9 @@ import pytest
 import zkv
 from zkv.testing import wait_for
 
+#: Behaviour of the store: runs on every backend (see conftest.py).
+pytestmark = pytest.mark.contract
+
 #: Names around the topic encoding: NUL ends an exact topic, \x01 is the escape byte.
 NAMES = ["a", "a\0", "a\0b", "\0", "", "a\x01", "\x01", "\x01\x01", "\x01\x02", "\0\x01",
          "ab"]

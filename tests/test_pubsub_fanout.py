@@ -18,6 +18,9 @@ import pytest
 import zkv
 from zkv.testing import wait_for
 
+#: Behaviour of the store: runs on every backend (see conftest.py).
+pytestmark = pytest.mark.contract
+
 STOP = "STOP"
 CHILDREN = 4
 

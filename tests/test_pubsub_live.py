@@ -20,6 +20,9 @@ import pytest
 
 import zkv
 
+#: Behaviour of the store: runs on every backend (see conftest.py).
+pytestmark = pytest.mark.contract
+
 FRESH_EVERY = 10  # every so many rounds, a freshly started child publishes instead of the owner
 
 

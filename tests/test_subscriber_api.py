@@ -15,6 +15,9 @@ import pytest
 import zkv
 from zkv.testing import private_store, wait_for
 
+#: Behaviour of the store: runs on every backend (see conftest.py).
+pytestmark = pytest.mark.contract
+
 
 class TestReceive:
     """``receive`` and ``receive_message`` wait up to a timeout; messages carry their

@@ -20,6 +20,9 @@ from store_helpers import call_in_child
 
 import zkv
 
+#: Behaviour of the store: runs on every backend (see conftest.py).
+pytestmark = pytest.mark.contract
+
 BIG = 64 * 1024 * 1024
 
 

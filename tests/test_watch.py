@@ -12,8 +12,13 @@ import multiprocessing.connection
 import threading
 from typing import Any
 
+import pytest
+
 import zkv
 from zkv.testing import wait_for
+
+#: Behaviour of the store: runs on every backend (see conftest.py).
+pytestmark = pytest.mark.contract
 
 STEPS = 10
 

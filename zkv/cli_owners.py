@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from . import endpoint
+from . import backends, endpoint
 from .cli_format import UsageError
 from .errors import NoOwnerError
 
@@ -106,6 +106,8 @@ def resolve(explicit: str | None, environ: Mapping[str, str] | None = None) -> s
     there are several, or when ``ZKV_ENDPOINT`` names an owner that is gone, and
     :class:`~zkv.cli_format.UsageError` when ``explicit`` is not an endpoint."""
     env = os.environ if environ is None else environ
+    if explicit and backends.is_backend_url(explicit):  # a store kept in Redis
+        return explicit
     if explicit:
         try:
             endpoint.parse(explicit)
@@ -113,6 +115,8 @@ def resolve(explicit: str | None, environ: Mapping[str, str] | None = None) -> s
             raise UsageError(f"--endpoint: {exc}") from None
         return explicit
     announced = env.get(endpoint.ENV_VAR)
+    if announced and backends.is_backend_url(announced):
+        return announced
     if announced:
         try:
             present = endpoint.parse(announced).owner_present()

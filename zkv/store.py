@@ -33,6 +33,7 @@ from collections.abc import (
 )
 from typing import Any, NoReturn, ParamSpec, TypeVar, cast
 
+from . import backends as _backends
 from . import calls, reentry
 from . import endpoint as _endpoint
 from .calls import PipelineQueue, Plan
@@ -230,7 +231,7 @@ class Store(MutableMapping[str, Any]):
 
     def __repr__(self) -> str:
         role = "closed" if self._closed else ("owner" if self.is_owner else "client")
-        return f"<zkv.Store {role} {self._endpoint}>"
+        return f"<zkv.Store {role} {_backends.redact(self._endpoint)}>"
 
     def _run(self, plan: Plan[R]) -> R:
         """Run a call planned by :mod:`zkv.calls` on this store's core."""
@@ -617,7 +618,7 @@ class Store(MutableMapping[str, Any]):
     def _reconnect(self) -> Core:
         with self._mutex:
             if isinstance(self._core, _Reconnect):
-                self._core = RemoteCore(self._endpoint, self._options)
+                self._core = _client_core(self._endpoint, self._options)
                 _install_exit_hooks()
             return self._core
 
@@ -756,6 +757,9 @@ def serve(endpoint: str | None = None, **options: Any) -> Store:
     worker (``is_owner`` is False here): a busy main thread then slows no worker down. That
     process ends when this store is closed or this process exits or dies.
     """
+    if _backends.is_backend_url(endpoint):
+        raise ValueError(f"zkv.serve() starts an owner; a store kept in Redis is joined: "
+                         f"zkv.connect({_backends.redact(str(endpoint))!r})")
     opts = Options.from_env(options)
     if opts.owner == "process":
         address, process = start_owner_process(opts, endpoint)
@@ -782,14 +786,29 @@ def connect(endpoint: str | None = None, **options: Any) -> Store:
     if there is no owner to join. A ``tcp://`` endpoint needs client credentials
     (``keys=DIR`` or ``ZKV_KEYS``) and raises :class:`~zkv.AuthenticationError` if they are
     missing or the owner refuses them.
+
+    A Redis or Valkey URL (``redis://``, ``rediss://``, ``unix://``, ``redis+sentinel://``,
+    ``redis+cluster://``) joins a store kept in Redis instead, with the same API; ``namespace=``
+    keeps programs sharing a database apart, ``insecure=True`` allows a password-less
+    connection to another host, ``lease=`` sets the locks' lease (see docs/scaling.md).
     """
-    opts = Options.from_env(options)
     address = endpoint or _endpoint.discover()
     if not address:
         raise NoOwnerError(f"no zkv endpoint given and {_endpoint.ENV_VAR} is not set (an "
                            "owner among the ancestors is looked for only in multiprocessing "
                            "children)")
-    return Store(RemoteCore(address, opts), opts)
+    if _backends.is_backend_url(address):  # Redis/Valkey: its options travel in the URL
+        address, options = _backends.split_options(address, options)
+    opts = Options.from_env(options)
+    return Store(_client_core(address, opts), opts)
+
+
+def _client_core(address: str, options: Options) -> Core:
+    """A core that joins the store at ``address``: a zkv owner's endpoint, or the URL of
+    another engine (``redis://...``, see :mod:`zkv.backends`)."""
+    if _backends.is_backend_url(address):
+        return _backends.open_core(address, options)
+    return RemoteCore(address, options)
 
 
 # -- fork and exit ---------------------------------------------------------------------------

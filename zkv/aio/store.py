@@ -47,6 +47,7 @@ from . import threads
 from .core import AsyncCore
 from .local import AsyncLocalCore
 from .remote import AsyncRemoteCore
+from .threaded import AsyncThreadedCore
 
 __all__ = ["SYNC_ONLY", "AsyncLock", "AsyncPipeline", "AsyncStore", "aconnect", "astore"]
 
@@ -90,9 +91,8 @@ def _async_core(core: Core) -> AsyncCore:
                 made = AsyncLocalCore(core)
             elif isinstance(core, RemoteCore):
                 made = AsyncRemoteCore(core)
-            else:
-                raise TypeError(f"no asyncio face for a store served by "
-                                f"{type(core).__name__}")
+            else:  # another backend (Redis): its sync calls, each in a thread
+                made = AsyncThreadedCore(core)
             _ASYNC_CORES[id(core)] = made
         return made
 

@@ -34,11 +34,13 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
 
 
 async def run(fn: Callable[..., T], *args: Any,
-              cleanup: Callable[[T], Any] | None = None) -> T:
-    """``fn(*args)`` in a zkv thread, awaited. If the caller is cancelled (or times out)
-    meanwhile, the call goes on, and what it returns is given to ``cleanup`` (a subscriber
-    nobody will use is closed, a connection nobody will use is closed)."""
-    done = _executor().submit(functools.partial(fn, *args))
+              cleanup: Callable[[T], Any] | None = None,
+              pool: concurrent.futures.Executor | None = None) -> T:
+    """``fn(*args)`` in a zkv thread (of ``pool``, if given), awaited. If the caller is
+    cancelled (or times out) meanwhile, the call goes on, and what it returns is given to
+    ``cleanup`` (a subscriber nobody will use is closed, a connection nobody will use is
+    closed, a lock granted to nobody is released)."""
+    done = (pool or _executor()).submit(functools.partial(fn, *args))
     try:
         return await asyncio.wrap_future(done)
     except asyncio.CancelledError:

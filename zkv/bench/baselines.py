@@ -37,6 +37,7 @@ __all__ = [
     "QueuePublisher",
     "QueueSubscriber",
     "RedisKV",
+    "RedisPickledKV",
     "RedisPublisher",
     "RedisSubscriber",
     "ZmqPublisher",
@@ -209,6 +210,35 @@ class RedisKV:
             else:
                 p.get(key)
         return p.execute()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._r.close()
+
+
+class RedisPickledKV:
+    """redis-py over a unix socket, storing Python objects the way a program using redis-py
+    directly must: each value pickled (protocol 5) on the way in and unpickled on the way
+    out; batches are one MGET / MSET. The baseline of the "zkv on Redis" rows. (Database 1:
+    the raw :class:`RedisKV` uses the same key names in database 0.)"""
+
+    def __init__(self, socket_path: str) -> None:
+        import redis
+
+        self._r: Any = redis.Redis(unix_socket_path=socket_path, db=1)
+
+    def get(self, key: str) -> Any:
+        raw = self._r.get(key)
+        return None if raw is None else pickle.loads(raw)
+
+    def set(self, key: str, value: Any) -> None:
+        self._r.set(key, pickle.dumps(value, _PICKLE))
+
+    def get_many(self, keys: list[str]) -> Any:
+        return {k: pickle.loads(v) for k, v in zip(keys, self._r.mget(keys), strict=True)
+                if v is not None}
+
+    def set_many(self, items: dict[str, Any]) -> None:
+        self._r.mset({k: pickle.dumps(v, _PICKLE) for k, v in items.items()})
 
     def close(self) -> None:
         self._r.close()

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..config import Options
 from ..owner.process import start as start_owner_process
-from ..store import Store, serve
+from ..store import Store, connect, serve
 from . import baselines, workloads
 from .agents import AgentError, Agents, detach
 from .redis_server import RedisServer, RedisUnavailable
@@ -47,6 +47,9 @@ SYNC = "zkv sync"
 ONE_BY_ONE = "zkv async, one by one"
 SNAP_SMALL = "zkv, 100,000 small keys"
 SNAP_LARGE = "zkv, 1 GB, 64 MB values"
+ZKV_REDIS = "zkv on Redis"
+REDIS_PY = "redis-py"
+ZKV_EMBEDDED = "zkv, embedded owner"
 
 #: What each subject name in the table means.
 SUBJECTS = {
@@ -74,6 +77,11 @@ SUBJECTS = {
                 "owner (pickled while the file is written)",
     SNAP_LARGE: "kv.save() in an owner of 16 bytes values of 64 MB each, set in the owner "
                 "(written as they are)",
+    ZKV_REDIS: "zkv with its data in the private redis-server (zkv.connect('unix://...')): "
+               "the Store API, zkv's codec, change events, sequence numbers",
+    REDIS_PY: "redis-py used directly on the same redis-server, storing the same Python "
+              "objects the way a program must: pickled in, unpickled out; MGET / MSET",
+    ZKV_EMBEDDED: "zkv as usual (the owner is the benchmark's main process), beside",
 }
 
 HWM = 100_000
@@ -131,12 +139,13 @@ def _standalone_owner(conn: multiprocessing.connection.Connection) -> None:
 
 
 class _ZkvPublisher:
-    """The owner publishing (a subscription is live when ``subscribe`` returns)."""
+    """A store publishing (a subscription is live when ``subscribe`` returns). A zkv owner
+    may drop a message for a subscriber that falls behind (the marker is then sent again);
+    on Redis, a connected subscriber loses nothing (``reliable``)."""
 
-    reliable = False
-
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, reliable: bool = False) -> None:
         self._store = store
+        self.reliable = reliable
 
     def wait_subscribers(self, channel: str, count: int, timeout: float = 10.0) -> None:
         pass
@@ -187,6 +196,7 @@ class Lab:
         self._channel = 0
         self.redis_skip: str | None = None
         self.redis_path = ""
+        self.redis_url = ""
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -215,6 +225,7 @@ class Lab:
         try:
             redis.start()
             self.redis_path = redis.socket_path
+            self.redis_url = redis.url("bench")
             self._later(redis.stop)
         except RedisUnavailable as exc:
             self.redis_skip = str(exc)
@@ -296,9 +307,15 @@ class Lab:
         self.zpub_raw = baselines.ZmqPublisher(f"ipc://{self.tmp}/pub-raw", HWM, raw=True)
         self._later(self.zpub_raw.close)
         self.rpub: Any = None
+        self.redis_store: Store | None = None
         if not self.redis_skip:
             self.rpub = baselines.RedisPublisher(self.redis_path)
             self._later(self.rpub.close)
+            try:
+                self.redis_store = connect(self.redis_url)
+                self._later(self.redis_store.close)
+            except ImportError as exc:  # redis-py is there (the server answered), hiredis...
+                self.redis_skip = str(exc)
         self.qpub = baselines.QueuePublisher(self.queues)
         self.locked = baselines.LockedDict()
 
@@ -374,7 +391,100 @@ class Lab:
         out += [self._clients(n) for n in (1, 4, 16)]
         out.append(self._busy_owner())
         out += [self._async_get(), self._async_gather(), self._snapshot_pause()]
+        out += [self._on_redis_small("get"), self._on_redis_small("set"),
+                self._on_redis_batch("get_many"), self._on_redis_batch("set_many"),
+                self._on_redis_pubsub()]
         return out
+
+    # -- zkv on Redis ----------------------------------------------------------------------------
+
+    def _on_redis(self, run: Callable[[], Callable[[bool], Rep]], subject: str) -> Case:
+        if self.redis_skip:
+            return Case(subject, None, skip=self.redis_skip)
+        return Case(subject, run())
+
+    def _redis_specs(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        return ("zkv", self.redis_url, False), ("redis-pickled", self.redis_path)
+
+    def _on_redis_small(self, op: str) -> Row:
+        s = self.settings
+        lat: dict[str, Any] = dict(duration=s.latency_s, min_ops=s.min_ops)
+        key = "small"
+        zkv_redis, redis_py = self._redis_specs()
+        cases = [
+            self._on_redis(lambda: self._latency(zkv_redis, op, key, SMALL, **lat), ZKV_REDIS),
+            self._on_redis(lambda: self._latency(redis_py, op, key, SMALL, **lat), REDIS_PY),
+            self._on_redis(lambda: self._latency(("redis", self.redis_path), op, key, SMALL,
+                                                 **lat), REDIS),
+            Case(ZKV_EMBEDDED, self._latency(self.zkv(), op, key, SMALL, **lat)),
+        ]
+        setup = None
+        if not self.redis_skip:
+            def setup() -> None:
+                self._seed([zkv_redis, redis_py, ("redis", self.redis_path), self.zkv()],
+                           [(key, *SMALL)])
+        return Row(
+            id=f"redis_{op}", title=f"on Redis: child {op}, small value", metric="latency",
+            unit="", cases=cases,
+            targets=[Target("<=1.15x slower", against=REDIS_PY, min_ratio=1 / 1.15)],
+            note="a child process; 16-character str; 'Redis' stores it as raw bytes and hands "
+                 "back bytes (no pickling: a floor); the others give the str back",
+            setup=setup)
+
+    def _on_redis_batch(self, op: str) -> Row:
+        s = self.settings
+        zkv_redis, redis_py = self._redis_specs()
+
+        def case(spec: tuple[Any, ...]) -> Callable[[bool], Rep]:
+            def run(warmup: bool) -> Rep:
+                (samples,) = self.agents.call(workloads.batch_loop, [{
+                    "spec": spec, "op": op, "n_keys": BATCH,
+                    "duration": 0.0 if warmup else s.batch_s,
+                    "min_ops": 1 if warmup else 3}])
+                return Rep(samples)
+            return run
+        setup = None
+        if op == "get_many" and not self.redis_skip:
+            def setup() -> None:
+                for spec in (zkv_redis, redis_py, ("redis", self.redis_path), self.zkv()):
+                    self.agents.call(workloads.batch_loop, [{
+                        "spec": spec, "op": "set_many", "n_keys": BATCH, "duration": 0.0,
+                        "min_ops": 1}])
+        return Row(
+            id=f"redis_{op}", title=f"on Redis: child {op}, 1000 keys", metric="throughput",
+            unit="keys/s", work=float(BATCH),
+            cases=[self._on_redis(lambda: case(zkv_redis), ZKV_REDIS),
+                   self._on_redis(lambda: case(redis_py), REDIS_PY),
+                   self._on_redis(lambda: case(("redis", self.redis_path)), REDIS),
+                   Case(ZKV_EMBEDDED, case(self.zkv()))],
+            targets=[Target("<=1.15x slower", against=REDIS_PY, min_ratio=1 / 1.15)],
+            setup=setup,
+            note="16-character str values; zkv on Redis: MGET, or MULTI with MSET and the "
+                 "change-event script; 'Redis': raw bytes, not pickled (a floor)")
+
+    def _on_redis_pubsub(self) -> Row:
+        p = _PubRow(1)
+
+        def case(spec: tuple[Any, ...], publisher: Any) -> Callable[[bool], Rep]:
+            def run(warmup: bool) -> Rep:
+                return self._pub_once(p, spec, publisher, warmup)
+            return run
+        redis_publisher = None if self.redis_store is None else \
+            _ZkvPublisher(self.redis_store, reliable=True)
+        cases = [self._on_redis(lambda: case(("zkv", self.redis_url), redis_publisher),
+                                ZKV_REDIS),
+                 self._on_redis(lambda: case(("redis", self.redis_path), self.rpub), RPUB),
+                 Case(ZKV_EMBEDDED, case(("zkv", self.endpoint), _ZkvPublisher(self.owner)))]
+        return Row(
+            id="redis_pub_1", title="on Redis: pub/sub throughput, main -> 1 child",
+            metric="rate", unit="msgs/s", cases=cases,
+            targets=[Target("0 silent losses", no_silent_loss=True),
+                     Target(">=0.85x its rate", against=RPUB, min_ratio=0.85)],
+            note=f"{self.settings.pub_msgs} messages (or {self.settings.pub_s} s of them) of "
+                 f"(int, int, float, {len(workloads.PUB_TEXT)}-character str), pickled by "
+                 "every subject, published as fast as possible by the main process; zkv on "
+                 "Redis: one script per publish (sequence number and PUBLISH), the "
+                 "subscriber counts gaps")
 
     def _child_small(self, op: str) -> Row:
         s = self.settings

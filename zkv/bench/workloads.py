@@ -7,7 +7,8 @@ across processes use ``time.monotonic``, one clock for every process on Linux.
 
 A *subject spec* says which store an agent talks to and is the key of its cached client:
 ``("zkv", endpoint, cached)``, ``("echo", address)``, ``("pipe",)``, ``("manager",)``,
-``("redis", socket_path)``; for pub/sub, ``("zkv", endpoint)``, ``("zmq", address)``,
+``("redis", socket_path)``, ``("redis-pickled", socket_path)`` (and zkv on Redis:
+``("zkv", "unix://...", False)``); for pub/sub, ``("zkv", endpoint)``, ``("zmq", address)``,
 ``("redis", socket_path)``, ``("queue",)``.
 """
 
@@ -185,6 +186,8 @@ def open_kv(agent: Agent, spec: Spec) -> Any:
             return baselines.ManagerKV(agent.resources["manager"])
         if kind == "redis":
             return baselines.RedisKV(spec[1])
+        if kind == "redis-pickled":
+            return baselines.RedisPickledKV(spec[1])
         raise ValueError(f"unknown subject {spec!r}")
     return agent.client(spec, make)
 
