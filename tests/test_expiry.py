@@ -36,8 +36,10 @@ def _past(deadline: float) -> bool:
 
 
 def _wait_until(deadline: float) -> None:
-    """Wait for a moment to have passed (what expiry is about)."""
-    wait_for(lambda: _past(deadline), timeout=30, what="the deadline to pass")
+    """Wait for a moment to have passed (what expiry is about), and 2 ms more: Redis counts
+    in whole milliseconds and expires a key once its millisecond is over, up to 1 ms after
+    the deadline taken here."""
+    wait_for(lambda: _past(deadline + 0.002), timeout=30, what="the deadline to pass")
 
 
 @pytest.fixture

@@ -373,6 +373,8 @@ class TestForkSafety:
                 _PARENT_CONTEXTS.clear()
                 parent.close()
 
+    @pytest.mark.zkv_only("the read cache is refused on Redis (a Redis store's fork safety: "
+                          "tests/test_redis.py)")
     def test_subscribers_callbacks_and_cache_are_not_inherited(self, kv: zkv.Store,
                                                                tmp_path: Path) -> None:
         """A forked child inherits its parent's store but not its subscriber (closed there),
