@@ -91,8 +91,9 @@ def _run(args: argparse.Namespace, settings: Settings, machine: dict[str, Any],
     with Lab(settings, progress) as lab:
         rows = lab.rows()
         if args.list:
+            width = max(len(row.id) for row in rows) + 2
             for row in rows:
-                print(f"{row.id:<18}{row.title}")
+                print(f"{row.id:<{width}}{row.title}")
             return 0
         if args.only:
             patterns = [p.strip() for p in args.only.split(",") if p.strip()]
